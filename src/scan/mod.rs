@@ -1,0 +1,205 @@
+//! The compliance scanner: evaluates the catalog's controls against a
+//! target (a root tree or the live host) and writes the report that CI
+//! systems and accreditation teams read.
+
+pub mod check;
+pub mod expect;
+pub mod kinds;
+pub mod outcome;
+pub mod report;
+pub mod target;
+pub mod users;
+
+use crate::stage::{Catalog, Scope, Severity};
+use outcome::{Outcome, Status};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::time::Instant;
+use target::Target;
+
+/// Where the build records what it made; the scanner reads the roles
+/// from it so role controls apply to role images.
+pub const IMAGE_INFO: &str = "/etc/stemforge/image.json";
+
+/// What the image is, as the build recorded it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ImageInfo {
+    pub profile: String,
+    pub distro: String,
+    pub codename: String,
+    pub version: String,
+    pub roles: Vec<String>,
+    pub stages: Vec<String>,
+    pub stemforge_version: String,
+    pub built: String,
+}
+
+/// The facts that decide which controls apply.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ScanContext {
+    pub distro: String,
+    pub codename: String,
+    pub version: String,
+    pub pretty_name: String,
+    pub roles: Vec<String>,
+    /// Where the roles came from: the image record, the command line, or none.
+    pub roles_from: String,
+}
+
+impl ScanContext {
+    /// Read /etc/os-release and the image record of the target. `roles`
+    /// from the command line take precedence over the record.
+    pub fn detect(t: &Target, roles: Option<Vec<String>>) -> ScanContext {
+        let os = t
+            .read_optional("/etc/os-release")
+            .ok()
+            .flatten()
+            .or_else(|| t.read_optional("/usr/lib/os-release").ok().flatten())
+            .unwrap_or_default();
+        let get = |k: &str| {
+            os.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .map(|v| v.trim().trim_matches('"').to_string())
+                .unwrap_or_default()
+        };
+        let info: Option<ImageInfo> = t
+            .read_optional(IMAGE_INFO)
+            .ok()
+            .flatten()
+            .and_then(|s| serde_json::from_str(&s).ok());
+        let (roles, roles_from) = match (roles, &info) {
+            (Some(r), _) => (r, "command line".to_string()),
+            (None, Some(i)) => (i.roles.clone(), IMAGE_INFO.to_string()),
+            (None, None) => (Vec::new(), "none".to_string()),
+        };
+        ScanContext {
+            distro: get("ID"),
+            codename: get("VERSION_CODENAME"),
+            version: get("VERSION_ID"),
+            pretty_name: get("PRETTY_NAME"),
+            roles,
+            roles_from,
+        }
+    }
+}
+
+/// One control's result.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ControlResult {
+    pub id: String,
+    pub title: String,
+    pub severity: Severity,
+    pub stage: String,
+    pub refs: BTreeMap<String, Vec<String>>,
+    pub check: String,
+    pub status: Status,
+    pub evidence: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Summary {
+    pub total: usize,
+    pub pass: usize,
+    pub fail: usize,
+    pub not_applicable: usize,
+    pub error: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TargetInfo {
+    /// `root` or `live`.
+    pub kind: String,
+    pub path: String,
+}
+
+/// The scan report (`--format json` prints exactly this).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub scanner: String,
+    pub version: String,
+    pub target: TargetInfo,
+    pub context: ScanContext,
+    pub started: String,
+    pub duration_ms: u64,
+    pub summary: Summary,
+    pub results: Vec<ControlResult>,
+}
+
+impl Report {
+    /// Every applicable control passed.
+    pub fn passed(&self) -> bool {
+        self.summary.fail == 0 && self.summary.error == 0
+    }
+
+    pub fn result(&self, id: &str) -> Option<&ControlResult> {
+        self.results.iter().find(|r| r.id == id)
+    }
+}
+
+/// Which controls to run.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Only these control ids (empty: all).
+    pub ids: Vec<String>,
+}
+
+/// Evaluate the catalog against `target`.
+pub fn run(catalog: &Catalog, target: &Target, ctx: &ScanContext, sel: &Selection) -> Report {
+    let t0 = Instant::now();
+    let started = report::now_rfc3339();
+    let mut results = Vec::new();
+    for (stage, control) in catalog.controls() {
+        if !sel.ids.is_empty() && !sel.ids.contains(&control.id) {
+            continue;
+        }
+        let outcome = if !stage.when.matches(&ctx.distro, &ctx.codename, &ctx.roles) {
+            Outcome::na(format!(
+                "stage {} applies to {}; this target is {} {} with roles [{}]",
+                stage.name,
+                stage.when.describe(),
+                ctx.distro,
+                ctx.codename,
+                ctx.roles.join(", ")
+            ))
+        } else if control.scope == Scope::Image && target.is_live() {
+            Outcome::na("a property of the shipped image; checked offline")
+        } else {
+            control.check.eval(target)
+        };
+        results.push(ControlResult {
+            id: control.id.clone(),
+            title: control.title.clone(),
+            severity: control.severity,
+            stage: stage.name.clone(),
+            refs: control.refs.clone(),
+            check: control.check.describe(),
+            status: outcome.status,
+            evidence: outcome.evidence,
+        });
+    }
+    let mut summary = Summary {
+        total: results.len(),
+        ..Default::default()
+    };
+    for r in &results {
+        match r.status {
+            Status::Pass => summary.pass += 1,
+            Status::Fail => summary.fail += 1,
+            Status::NotApplicable => summary.not_applicable += 1,
+            Status::Error => summary.error += 1,
+        }
+    }
+    Report {
+        scanner: "stemforge".into(),
+        version: crate::VERSION.into(),
+        target: TargetInfo {
+            kind: if target.is_live() { "live" } else { "root" }.into(),
+            path: target.root_dir().display().to_string(),
+        },
+        context: ctx.clone(),
+        started,
+        duration_ms: t0.elapsed().as_millis() as u64,
+        summary,
+        results,
+    }
+}

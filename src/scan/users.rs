@@ -1,0 +1,122 @@
+//! Users and groups of a target, from its own /etc/passwd and /etc/group
+//! (never the scanning host's).
+
+use super::target::Target;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Default)]
+pub struct PasswdEntry {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+    pub line: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct Users {
+    pub users: Vec<PasswdEntry>,
+    pub groups: BTreeMap<String, (u32, Vec<String>)>,
+}
+
+impl Users {
+    pub fn load(t: &Target) -> std::io::Result<Users> {
+        let passwd = t.read_optional("/etc/passwd")?.unwrap_or_default();
+        let group = t.read_optional("/etc/group")?.unwrap_or_default();
+        Ok(Users::parse(&passwd, &group))
+    }
+
+    pub fn parse(passwd: &str, group: &str) -> Users {
+        let users = passwd
+            .lines()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let f: Vec<&str> = l.split(':').collect();
+                if f.len() < 7 || l.starts_with('#') {
+                    return None;
+                }
+                Some(PasswdEntry {
+                    name: f[0].to_string(),
+                    uid: f[2].parse().ok()?,
+                    gid: f[3].parse().ok()?,
+                    home: f[5].to_string(),
+                    shell: f[6].to_string(),
+                    line: i + 1,
+                })
+            })
+            .collect();
+        let groups = group
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                if f.len() < 4 {
+                    return None;
+                }
+                let members = f[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                Some((f[0].to_string(), (f[2].parse().ok()?, members)))
+            })
+            .collect();
+        Users { users, groups }
+    }
+
+    pub fn uid_of(&self, name: &str) -> Option<u32> {
+        name.parse()
+            .ok()
+            .or_else(|| self.users.iter().find(|u| u.name == name).map(|u| u.uid))
+    }
+
+    pub fn gid_of(&self, name: &str) -> Option<u32> {
+        name.parse()
+            .ok()
+            .or_else(|| self.groups.get(name).map(|g| g.0))
+    }
+
+    pub fn user_name(&self, uid: u32) -> String {
+        self.users
+            .iter()
+            .find(|u| u.uid == uid)
+            .map(|u| u.name.clone())
+            .unwrap_or_else(|| uid.to_string())
+    }
+
+    pub fn group_name(&self, gid: u32) -> String {
+        self.groups
+            .iter()
+            .find(|(_, g)| g.0 == gid)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_else(|| gid.to_string())
+    }
+
+    pub fn has_uid(&self, uid: u32) -> bool {
+        self.users.iter().any(|u| u.uid == uid)
+    }
+
+    pub fn has_gid(&self, gid: u32) -> bool {
+        self.groups.values().any(|g| g.0 == gid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_real_debian_lines() {
+        let u = Users::parse(
+            "root:x:0:0:root:/root:/bin/bash\nsshd:x:100:65534::/run/sshd:/usr/sbin/nologin\n",
+            "root:x:0:\nshadow:x:42:\nsudo:x:27:vcap,ops\n",
+        );
+        assert_eq!(u.uid_of("sshd"), Some(100));
+        assert_eq!(u.uid_of("7"), Some(7));
+        assert_eq!(u.gid_of("shadow"), Some(42));
+        assert_eq!(u.groups["sudo"].1, vec!["vcap", "ops"]);
+        assert_eq!(u.user_name(0), "root");
+        assert_eq!(u.group_name(4242), "4242");
+        assert_eq!(u.users[1].line, 2);
+    }
+}

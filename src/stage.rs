@@ -1,0 +1,648 @@
+//! Hardening stages: `stages/NN-name/stage.yml` (+ `files/`, optional
+//! `apply.sh`). A stage says what it changes, declaratively where it can,
+//! and which controls it satisfies; each control carries an independent
+//! check written as the requirement. The catalog is the ordered set of
+//! stages; it is compiled into the binary and can be replaced by a
+//! directory (`--stages DIR`).
+
+use crate::assets;
+use crate::config::{ConfigError, locate, locate_all, parse_yaml};
+use crate::scan::check::Check;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    /// `50-sshd`
+    pub dir_name: String,
+    pub order: u32,
+    pub name: String,
+    pub summary: String,
+    /// `stages/50-sshd/stage.yml`, for messages.
+    pub source: PathBuf,
+    pub when: When,
+    pub packages: Packages,
+    pub files: Vec<FileAction>,
+    pub sysctl: Vec<(String, String)>,
+    pub services: Services,
+    pub kernel_modules: KernelModules,
+    /// The chroot script (`apply.sh`): its name and text.
+    pub script: Option<(String, String)>,
+    pub controls: Vec<Control>,
+    /// The contents of `files/`, by relative name.
+    pub assets: BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct When {
+    /// Applies when the image has any of these roles (empty: always).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Applies to these distros or codenames (empty: all).
+    #[serde(default)]
+    pub os: Vec<String>,
+}
+
+impl When {
+    pub fn matches(&self, distro: &str, codename: &str, roles: &[String]) -> bool {
+        let role_ok = self.roles.is_empty() || self.roles.iter().any(|r| roles.contains(r));
+        let os_ok = self.os.is_empty() || self.os.iter().any(|o| o == distro || o == codename);
+        role_ok && os_ok
+    }
+
+    /// Why a stage does not apply, for reports.
+    pub fn describe(&self) -> String {
+        let mut p = Vec::new();
+        if !self.roles.is_empty() {
+            p.push(format!("roles {}", self.roles.join("|")));
+        }
+        if !self.os.is_empty() {
+            p.push(format!("os {}", self.os.join("|")));
+        }
+        if p.is_empty() {
+            "always".into()
+        } else {
+            p.join(" and ")
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Packages {
+    #[serde(default)]
+    pub install: Vec<String>,
+    #[serde(default)]
+    pub purge: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Services {
+    #[serde(default)]
+    pub enable: Vec<String>,
+    #[serde(default)]
+    pub disable: Vec<String>,
+    #[serde(default)]
+    pub mask: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelModules {
+    #[serde(default)]
+    pub disable: Vec<String>,
+}
+
+/// A file the stage places in the tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileAction {
+    pub path: String,
+    /// Name under `files/`, or `None` for inline content.
+    pub source: Option<String>,
+    pub content: Option<String>,
+    pub mode: u32,
+    pub owner: String,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    High,
+    Medium,
+    Low,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::High => "high",
+            Severity::Medium => "medium",
+            Severity::Low => "low",
+        }
+    }
+}
+
+/// Where a control can be evaluated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Offline and live.
+    #[default]
+    Any,
+    /// A property of the shipped image (no SSH host keys, empty
+    /// machine-id): true of the file, not of a booted system.
+    Image,
+}
+
+#[derive(Debug, Clone)]
+pub struct Control {
+    pub id: String,
+    pub title: String,
+    pub severity: Severity,
+    /// `faq: ["4.8.14"]`, `stig: [...]`, `cis: [...]`.
+    pub refs: BTreeMap<String, Vec<String>>,
+    pub description: String,
+    pub scope: Scope,
+    pub check: Check,
+    /// The stage that declares it (`sshd`).
+    pub stage: String,
+}
+
+// ---- the file format --------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageFile {
+    name: String,
+    summary: String,
+    #[serde(default)]
+    when: When,
+    #[serde(default)]
+    packages: Packages,
+    #[serde(default)]
+    files: Vec<FileActionFile>,
+    #[serde(default)]
+    sysctl: serde_yaml::Mapping,
+    #[serde(default)]
+    services: Services,
+    #[serde(default)]
+    kernel_modules: KernelModules,
+    script: Option<String>,
+    #[serde(default)]
+    controls: Vec<ControlFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileActionFile {
+    path: String,
+    source: Option<String>,
+    content: Option<String>,
+    #[serde(default = "default_mode")]
+    mode: String,
+    #[serde(default = "root")]
+    owner: String,
+    #[serde(default = "root")]
+    group: String,
+}
+
+fn default_mode() -> String {
+    "0644".into()
+}
+fn root() -> String {
+    "root".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlFile {
+    id: String,
+    title: String,
+    severity: Severity,
+    #[serde(default)]
+    refs: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    scope: Scope,
+    #[serde(deserialize_with = "crate::scan::check::deserialize_check")]
+    check: Check,
+}
+
+/// Where the catalog comes from.
+#[derive(Debug, Clone)]
+pub enum StageSource {
+    Embedded,
+    Dir(PathBuf),
+}
+
+/// A stage directory's files: (relative path, bytes).
+type DirFiles = Vec<(String, Vec<u8>)>;
+
+impl StageSource {
+    /// Stage directory names with their files.
+    fn read(&self) -> Result<Vec<(String, DirFiles)>, ConfigError> {
+        let mut out = Vec::new();
+        match self {
+            StageSource::Embedded => {
+                for d in assets::STAGES.dirs() {
+                    let name = d.path().to_string_lossy().into_owned();
+                    let mut files = Vec::new();
+                    collect_embedded(d, d.path(), &mut files);
+                    out.push((name, files));
+                }
+            }
+            StageSource::Dir(root) => {
+                let rd = std::fs::read_dir(root)
+                    .map_err(|e| ConfigError::new(root, format!("cannot read stage directory: {e}")))?;
+                for entry in rd.flatten() {
+                    let p = entry.path();
+                    if !p.is_dir() {
+                        continue;
+                    }
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let mut files = Vec::new();
+                    collect_dir(&p, &p, &mut files)
+                        .map_err(|e| ConfigError::new(&p, format!("cannot read: {e}")))?;
+                    out.push((name, files));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The path a user would recognize for `dir/file`.
+    fn display(&self, dir: &str, file: &str) -> PathBuf {
+        match self {
+            StageSource::Embedded => Path::new("stages").join(dir).join(file),
+            StageSource::Dir(root) => root.join(dir).join(file),
+        }
+    }
+}
+
+fn collect_embedded(d: &include_dir::Dir<'static>, base: &Path, out: &mut DirFiles) {
+    for f in d.files() {
+        let rel = f.path().strip_prefix(base).unwrap_or(f.path());
+        out.push((rel.to_string_lossy().into_owned(), f.contents().to_vec()));
+    }
+    for sub in d.dirs() {
+        collect_embedded(sub, base, out);
+    }
+}
+
+fn collect_dir(dir: &Path, base: &Path, out: &mut DirFiles) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.is_dir() {
+            collect_dir(&p, base, out)?;
+        } else {
+            let rel = p.strip_prefix(base).unwrap_or(&p).to_string_lossy().into_owned();
+            out.push((rel, std::fs::read(&p)?));
+        }
+    }
+    Ok(())
+}
+
+/// The ordered set of stages.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    pub stages: Vec<Stage>,
+}
+
+impl Catalog {
+    pub fn load(source: &StageSource) -> Result<Catalog, ConfigError> {
+        let dir_re = regex::Regex::new(r"^(\d{2})-([a-z0-9][a-z0-9-]*)$").expect("static regex");
+        let mut stages: Vec<Stage> = Vec::new();
+        let mut texts: BTreeMap<String, String> = BTreeMap::new();
+        for (dir, files) in source.read()? {
+            let Some(caps) = dir_re.captures(&dir) else {
+                return Err(ConfigError::new(
+                    source.display(&dir, ""),
+                    "stage directories are named NN-name (two digits, a dash, lowercase name)",
+                ));
+            };
+            let order: u32 = caps[1].parse().expect("two digits");
+            let dir_stage_name = caps[2].to_string();
+            let yml = source.display(&dir, "stage.yml");
+            let text = files
+                .iter()
+                .find(|(n, _)| n == "stage.yml")
+                .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+                .ok_or_else(|| ConfigError::new(&yml, "missing stage.yml"))?;
+            let file: StageFile = parse_yaml(&yml, &text)?;
+            if file.name != dir_stage_name {
+                return Err(ConfigError::at(
+                    &yml,
+                    &text,
+                    "name",
+                    r"^name:",
+                    format!("name `{}` must match the directory name `{dir_stage_name}`", file.name),
+                ));
+            }
+            if let Some(prev) = stages.iter().find(|s| s.order == order) {
+                return Err(ConfigError::new(
+                    &yml,
+                    format!("stage number {order:02} is already used by {}", prev.dir_name),
+                ));
+            }
+            let assets: BTreeMap<String, Vec<u8>> = files
+                .iter()
+                .filter_map(|(n, b)| n.strip_prefix("files/").map(|r| (r.to_string(), b.clone())))
+                .collect();
+            let stage = build_stage(&dir, order, file, &yml, &text, &files, assets)?;
+            texts.insert(dir.clone(), text);
+            stages.push(stage);
+        }
+        // Control ids are unique across the catalog.
+        let mut seen: BTreeMap<String, String> = BTreeMap::new();
+        for s in &stages {
+            for c in &s.controls {
+                if let Some(first) = seen.insert(c.id.clone(), s.dir_name.clone()) {
+                    let text = &texts[&s.dir_name];
+                    let needle = format!(r"^\s*-?\s*id:\s*{}\s*$", regex::escape(&c.id));
+                    let lines = locate_all(text, &needle);
+                    let line = if first == s.dir_name { lines.get(1) } else { lines.first() };
+                    return Err(ConfigError::new(
+                        source.display(&s.dir_name, "stage.yml"),
+                        format!("control id `{}` is already used in stages/{first}", c.id),
+                    )
+                    .with_line(line.copied())
+                    .with_key("controls.id"));
+                }
+            }
+        }
+        Ok(Catalog { stages })
+    }
+
+    /// All controls with their stage, in stage order.
+    pub fn controls(&self) -> impl Iterator<Item = (&Stage, &Control)> {
+        self.stages
+            .iter()
+            .flat_map(|s| s.controls.iter().map(move |c| (s, c)))
+    }
+
+    /// The roles some stage is written for.
+    pub fn known_roles(&self) -> BTreeSet<String> {
+        self.stages
+            .iter()
+            .flat_map(|s| s.when.roles.iter().cloned())
+            .collect()
+    }
+
+    /// The stages that apply to an image of this distro, codename and roles.
+    pub fn applicable(&self, distro: &str, codename: &str, roles: &[String]) -> Vec<&Stage> {
+        self.stages
+            .iter()
+            .filter(|s| s.when.matches(distro, codename, roles))
+            .collect()
+    }
+}
+
+fn build_stage(
+    dir: &str,
+    order: u32,
+    file: StageFile,
+    yml: &Path,
+    text: &str,
+    files: &[(String, Vec<u8>)],
+    assets: BTreeMap<String, Vec<u8>>,
+) -> Result<Stage, ConfigError> {
+    let err = |key: &str, needle: &str, msg: String| ConfigError::at(yml, text, key, needle, msg);
+    let pkg_re = regex::Regex::new(r"^[a-z0-9][a-z0-9+.-]+$").expect("static regex");
+    for p in file.packages.install.iter().chain(&file.packages.purge) {
+        if !pkg_re.is_match(p) {
+            return Err(err("packages", &regex::escape(p), format!("`{p}` is not a valid package name")));
+        }
+    }
+    let mut actions = Vec::new();
+    for (i, f) in file.files.iter().enumerate() {
+        let key = format!("files[{i}]");
+        let at = format!(r"path:\s*{}", regex::escape(&f.path));
+        if !f.path.starts_with('/') || f.path.ends_with('/') {
+            return Err(err(&format!("{key}.path"), &at, format!("`{}` must be an absolute file path", f.path)));
+        }
+        match (&f.source, &f.content) {
+            (Some(src), None) => {
+                if !assets.contains_key(src) {
+                    return Err(err(
+                        &format!("{key}.source"),
+                        &at,
+                        format!("`{src}` not found under stages/{dir}/files/"),
+                    ));
+                }
+            }
+            (None, Some(_)) => {}
+            _ => {
+                return Err(err(&key, &at, "give exactly one of `source` and `content`".into()));
+            }
+        }
+        let mode = crate::scan::kinds::file::parse_mode(&f.mode)
+            .map_err(|m| err(&format!("{key}.mode"), &at, m))?;
+        actions.push(FileAction {
+            path: f.path.clone(),
+            source: f.source.clone(),
+            content: f.content.clone(),
+            mode,
+            owner: f.owner.clone(),
+            group: f.group.clone(),
+        });
+    }
+    let mut sysctl = Vec::new();
+    for (k, v) in &file.sysctl {
+        let key = k.as_str().unwrap_or_default().to_string();
+        let value = match v {
+            serde_yaml::Value::String(s) => s.clone(),
+            serde_yaml::Value::Number(n) => n.to_string(),
+            serde_yaml::Value::Bool(b) => b.to_string(),
+            _ => {
+                return Err(err("sysctl", &regex::escape(&key), format!("sysctl `{key}` needs a scalar value")));
+            }
+        };
+        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || "._-*".contains(c)) {
+            return Err(err("sysctl", "sysctl:", format!("`{key}` is not a sysctl key")));
+        }
+        sysctl.push((key, value));
+    }
+    let unit_re = regex::Regex::new(r"^[A-Za-z0-9:_.@-]+$").expect("static regex");
+    for u in file
+        .services
+        .enable
+        .iter()
+        .chain(&file.services.disable)
+        .chain(&file.services.mask)
+    {
+        if !unit_re.is_match(u) {
+            return Err(err("services", &regex::escape(u), format!("`{u}` is not a unit name")));
+        }
+    }
+    for m in &file.kernel_modules.disable {
+        if !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(err("kernel_modules.disable", &regex::escape(m), format!("`{m}` is not a module name")));
+        }
+    }
+    let script = match &file.script {
+        Some(name) => {
+            let body = files
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+                .ok_or_else(|| err("script", r"^script:", format!("`{name}` not found in stages/{dir}/")))?;
+            Some((name.clone(), body))
+        }
+        None => None,
+    };
+    let id_re = regex::Regex::new(r"^[a-z0-9][a-z0-9-]*[a-z0-9]$").expect("static regex");
+    let mut controls = Vec::new();
+    let mut from = 1;
+    for (i, c) in file.controls.into_iter().enumerate() {
+        let needle = format!(r"id:\s*{}\s*$", regex::escape(&c.id));
+        let line = locate(text, &needle, from);
+        if let Some(l) = line {
+            from = l + 1;
+        }
+        let cerr = |key: &str, msg: String| {
+            ConfigError::new(yml, msg)
+                .with_line(line)
+                .with_key(format!("controls[{i}].{key}"))
+        };
+        if !id_re.is_match(&c.id) {
+            return Err(cerr("id", format!("`{}`: ids are lowercase words joined by dashes", c.id)));
+        }
+        if c.title.trim().is_empty() {
+            return Err(cerr("title", "a control needs a title".into()));
+        }
+        for (kind, ids) in &c.refs {
+            if !["faq", "stig", "cis", "srg", "cce", "nist"].contains(&kind.as_str()) {
+                return Err(cerr("refs", format!("unknown reference kind `{kind}` (faq, stig, cis, srg, cce, nist)")));
+            }
+            if ids.is_empty() {
+                return Err(cerr("refs", format!("`{kind}` lists no references")));
+            }
+        }
+        c.check
+            .validate()
+            .map_err(|m| cerr("check", format!("{} check: {m}", c.check.kind())))?;
+        controls.push(Control {
+            id: c.id,
+            title: c.title,
+            severity: c.severity,
+            refs: c.refs,
+            description: c.description,
+            scope: c.scope,
+            check: c.check,
+            stage: file.name.clone(),
+        });
+    }
+    Ok(Stage {
+        dir_name: dir.to_string(),
+        order,
+        name: file.name,
+        summary: file.summary,
+        source: yml.to_path_buf(),
+        when: file.when,
+        packages: file.packages,
+        files: actions,
+        sysctl,
+        services: file.services,
+        kernel_modules: file.kernel_modules,
+        script,
+        controls,
+        assets,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_stage(root: &Path, dir: &str, yml: &str) {
+        let d = root.join(dir);
+        std::fs::create_dir_all(d.join("files")).unwrap();
+        std::fs::write(d.join("stage.yml"), yml).unwrap();
+    }
+
+    const OK: &str = "name: demo\nsummary: a demo\nfiles:\n  - { path: /etc/demo.conf, content: \"x\\n\", mode: \"0600\" }\ncontrols:\n  - id: demo-file\n    title: The demo file is private\n    severity: low\n    refs: { faq: [\"4.10.1\"] }\n    check: { file: { path: /etc/demo.conf, mode: \"0600\" } }\n";
+
+    #[test]
+    fn the_shipped_catalog_loads() {
+        let c = Catalog::load(&StageSource::Embedded).unwrap();
+        assert!(c.stages.len() >= 7, "{} stages", c.stages.len());
+        let n = c.controls().count();
+        assert!(n >= 40, "{n} controls");
+        // Stage order is the directory order.
+        let orders: Vec<u32> = c.stages.iter().map(|s| s.order).collect();
+        let mut sorted = orders.clone();
+        sorted.sort();
+        assert_eq!(orders, sorted);
+    }
+
+    #[test]
+    fn every_control_traces_to_the_faq_or_says_why_not() {
+        let c = Catalog::load(&StageSource::Embedded).unwrap();
+        let re = regex::Regex::new(r"^4\.\d+(\.\d+)?$").unwrap();
+        for (_, ctl) in c.controls() {
+            match ctl.refs.get("faq") {
+                Some(ids) => {
+                    for id in ids {
+                        assert!(re.is_match(id), "{}: faq ref `{id}`", ctl.id);
+                    }
+                }
+                None => assert!(
+                    ctl.scope == Scope::Image || !ctl.description.is_empty(),
+                    "{}: no faq reference and no description saying where it comes from",
+                    ctl.id
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_directory_catalog_loads() {
+        let d = tempfile::tempdir().unwrap();
+        write_stage(d.path(), "10-demo", OK);
+        let c = Catalog::load(&StageSource::Dir(d.path().into())).unwrap();
+        assert_eq!(c.stages[0].files[0].mode, 0o600);
+        assert_eq!(c.stages[0].controls[0].stage, "demo");
+    }
+
+    fn load_err(dir: &str, yml: &str) -> ConfigError {
+        let d = tempfile::tempdir().unwrap();
+        write_stage(d.path(), dir, yml);
+        Catalog::load(&StageSource::Dir(d.path().into())).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_key_and_unknown_kind_name_file_and_line() {
+        let e = load_err("10-demo", &OK.replace("severity: low", "severity: low\n    sevrity: low"));
+        assert_eq!(e.key.as_deref(), Some("controls[0].sevrity"));
+        assert_eq!(e.line, Some(9));
+        assert!(e.file.ends_with("10-demo/stage.yml"));
+        let e = load_err("10-demo", &OK.replace("check: { file:", "check: { fiel:"));
+        assert!(e.message.contains("unknown variant `fiel`"), "{e}");
+        assert_eq!(e.line, Some(10));
+    }
+
+    #[test]
+    fn duplicate_ids_are_located() {
+        let dup = format!(
+            "{OK}  - id: demo-file\n    title: again\n    severity: low\n    check: {{ file: {{ path: /x }} }}\n"
+        );
+        let e = load_err("10-demo", &dup);
+        assert!(e.message.contains("already used"), "{e}");
+        assert_eq!(e.line, Some(11));
+    }
+
+    #[test]
+    fn semantic_errors() {
+        let e = load_err("10-demo", &OK.replace("mode: \"0600\" }\ncontrols", "mode: \"0800\" }\ncontrols"));
+        assert_eq!(e.key.as_deref(), Some("files[0].mode"));
+        assert_eq!(e.line, Some(4));
+        let e = load_err("10-demo", &OK.replace("content: \"x\\n\"", "source: nope.conf"));
+        assert!(e.message.contains("nope.conf"), "{e}");
+        let e = load_err("10-demo", &OK.replace("mode: \"0600\" } }", "mode: \"0600\", matches: ['('] } }"));
+        assert!(e.message.contains("invalid regex"), "{e}");
+        assert_eq!(e.line, Some(6));
+        let e = load_err("10-demo", &OK.replace("name: demo", "name: other"));
+        assert!(e.message.contains("must match the directory"), "{e}");
+        let e = load_err("1-demo", OK);
+        assert!(e.message.contains("NN-name"), "{e}");
+        let e = load_err("10-demo", &OK.replace("faq: [\"4.10.1\"]", "faqs: [\"4.10.1\"]"));
+        assert!(e.message.contains("unknown reference kind"), "{e}");
+    }
+
+    #[test]
+    fn when_matching() {
+        let w = When { roles: vec!["docker".into()], os: vec![] };
+        assert!(!w.matches("debian", "bookworm", &[]));
+        assert!(w.matches("debian", "bookworm", &["docker".into()]));
+        let w = When { roles: vec![], os: vec!["ubuntu".into()] };
+        assert!(!w.matches("debian", "bookworm", &[]));
+        assert!(w.matches("ubuntu", "noble", &[]));
+        assert!(When::default().matches("x", "y", &[]));
+    }
+}
