@@ -1,1 +1,238 @@
-//! bootstrap
+//! Bootstrap: a minimal root tree from the distribution's archive with
+//! mmdebstrap (minbase + every package the profile and its stages need, in
+//! one apt run), cached by content: the key covers the inputs and the
+//! archive's signed Release files, so a cached tree is reused exactly
+//! until the archive changes.
+
+use crate::cache::{Cache, Hit};
+use crate::chroot::wrap_in_namespace;
+use crate::exec::{self, Cmd};
+use crate::profile::Profile;
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Bump when the way a tree is bootstrapped changes, to retire old cache
+/// entries.
+const FORMAT: u32 = 1;
+
+/// How long a mirror may take to answer the preflight.
+pub const MIRROR_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// One apt source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub mirror: String,
+    pub suite: String,
+    pub components: Vec<String>,
+}
+
+impl Source {
+    /// The sources.list line, keyring pinned.
+    pub fn deb_line(&self, keyring: &str) -> String {
+        format!(
+            "deb [signed-by={keyring}] {} {} {}",
+            self.mirror.trim_end_matches('/'),
+            self.suite,
+            self.components.join(" ")
+        )
+    }
+
+    /// Where the signed Release file lives.
+    pub fn inrelease_url(&self) -> String {
+        format!("{}/dists/{}/InRelease", self.mirror.trim_end_matches('/'), self.suite)
+    }
+}
+
+/// Everything that decides the bootstrapped tree.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootstrapSpec {
+    pub format: u32,
+    pub distro: String,
+    pub codename: String,
+    pub arch: String,
+    pub variant: String,
+    pub keyring: String,
+    pub sources: Vec<Source>,
+    pub packages: Vec<String>,
+    pub dpkg_path_exclude: Vec<String>,
+    pub dpkg_path_include: Vec<String>,
+    /// initramfs-tools configuration written before the kernel installs.
+    pub initramfs_conf: String,
+}
+
+/// initramfs-tools cannot probe the root device while building: say what
+/// it will be.
+pub const INITRAMFS_CONF: &str = "# stemforge: the root file system is ext4 (it cannot be probed while building)\nFSTYPE=ext4\n";
+
+impl BootstrapSpec {
+    pub fn new(p: &Profile, mirror: Option<&str>, packages: Vec<String>) -> BootstrapSpec {
+        let sources = p
+            .bootstrap
+            .suites
+            .iter()
+            .map(|s| Source {
+                mirror: match (p.bootstrap.suite_mirrors.get(s), mirror) {
+                    (Some(m), _) => m.clone(),
+                    (None, Some(m)) => m.to_string(),
+                    (None, None) => p.bootstrap.mirror.clone(),
+                },
+                suite: s.clone(),
+                components: p.bootstrap.components.clone(),
+            })
+            .collect();
+        BootstrapSpec {
+            format: FORMAT,
+            distro: p.os.distro.clone(),
+            codename: p.os.codename.clone(),
+            arch: "amd64".into(),
+            variant: p.bootstrap.variant.clone(),
+            keyring: p.bootstrap.keyring.clone(),
+            sources,
+            packages,
+            dpkg_path_exclude: p.bootstrap.dpkg_path_exclude.clone(),
+            dpkg_path_include: p.bootstrap.dpkg_path_include.clone(),
+            initramfs_conf: INITRAMFS_CONF.into(),
+        }
+    }
+
+    /// The cache key: the spec plus the Release files it resolves against.
+    pub fn cache_key(&self, releases: &[Vec<u8>]) -> String {
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(self).expect("spec serializes"));
+        for r in releases {
+            h.update(Sha256::digest(r));
+        }
+        let d = h.finalize();
+        d.iter().take(16).map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The mmdebstrap command that makes the tree at `target`, in a mount
+    /// namespace of its own.
+    pub fn command(&self, target: &Path) -> Cmd {
+        let mut c = exec::cmd(
+            "mmdebstrap",
+            [
+                "--mode=root".to_string(),
+                "--format=directory".to_string(),
+                format!("--variant={}", self.variant),
+                format!("--architectures={}", self.arch),
+                format!("--keyring={}", self.keyring),
+                format!("--include={}", self.packages.join(",")),
+                "--aptopt=Acquire::Retries \"3\"".to_string(),
+                "--aptopt=APT::Install-Recommends \"false\"".to_string(),
+                "--skip=cleanup/apt/lists".to_string(),
+            ],
+        );
+        for p in &self.dpkg_path_exclude {
+            c = c.arg(format!("--dpkgopt=path-exclude={p}"));
+        }
+        for p in &self.dpkg_path_include {
+            c = c.arg(format!("--dpkgopt=path-include={p}"));
+        }
+        c = c.arg(format!(
+            "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && printf '%s' {} > \"$1/etc/initramfs-tools/conf.d/stemforge.conf\"",
+            exec::shell_quote(&self.initramfs_conf)
+        ));
+        c = c.arg(&self.codename).arg(target);
+        for s in &self.sources {
+            c = c.arg(s.deb_line(&self.keyring));
+        }
+        wrap_in_namespace(c)
+    }
+}
+
+/// Fetch a suite's InRelease file (the preflight's "mirror answers" test).
+pub fn fetch_release(source: &Source) -> Result<Vec<u8>> {
+    let url = source.inrelease_url();
+    let agent = ureq::AgentBuilder::new()
+        .timeout_connect(MIRROR_TIMEOUT)
+        .timeout(MIRROR_TIMEOUT * 2)
+        .build();
+    let resp = agent.get(&url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => anyhow::anyhow!(
+            "mirror {} has no suite {} (HTTP {code} for {url})",
+            source.mirror,
+            source.suite
+        ),
+        ureq::Error::Transport(t) => anyhow::anyhow!(
+            "mirror {} does not answer ({url}: {t}); check the network or pass --mirror URL",
+            source.mirror
+        ),
+    })?;
+    let mut body = Vec::new();
+    use std::io::Read;
+    resp.into_reader()
+        .take(64 << 20)
+        .read_to_end(&mut body)
+        .with_context(|| format!("reading {url}"))?;
+    if !body.starts_with(b"-----BEGIN PGP SIGNED MESSAGE-----") {
+        bail!("{url} is not a signed Release file; is {} an apt mirror?", source.mirror);
+    }
+    Ok(body)
+}
+
+/// A bootstrapped tree in the cache, made if needed.
+pub fn bootstrap(cache: &Cache, spec: &BootstrapSpec, releases: &[Vec<u8>]) -> Result<(PathBuf, Hit)> {
+    let key = format!("{}-{}-{}", spec.distro, spec.codename, spec.cache_key(releases));
+    let (entry, hit) = cache.get_or_make("bootstrap", &key, |dir| {
+        let tree = dir.join("rootfs");
+        spec.command(&tree)
+            .run()
+            .with_context(|| format!("bootstrapping {} {}", spec.distro, spec.codename))?;
+        let meta = serde_json::to_vec_pretty(spec)?;
+        std::fs::write(dir.join("spec.json"), meta).context("writing spec.json")?;
+        Ok(())
+    })?;
+    Ok((entry.join("rootfs"), hit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{ProfileSource, load};
+
+    #[test]
+    fn debian_sources_use_the_security_mirror() {
+        let p = load("debian-bookworm", &ProfileSource::Embedded).unwrap();
+        let spec = BootstrapSpec::new(&p, Some("http://mirror.example/debian"), vec!["openssh-server".into()]);
+        let lines: Vec<String> = spec.sources.iter().map(|s| s.deb_line(&spec.keyring)).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.example/debian bookworm main",
+                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://mirror.example/debian bookworm-updates main",
+                "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main",
+            ]
+        );
+        assert_eq!(spec.sources[0].inrelease_url(), "http://mirror.example/debian/dists/bookworm/InRelease");
+    }
+
+    #[test]
+    fn command_is_namespaced_and_complete() {
+        let p = load("ubuntu-noble", &ProfileSource::Embedded).unwrap();
+        let spec = BootstrapSpec::new(&p, None, vec!["linux-image-virtual".into(), "openssh-server".into()]);
+        let line = spec.command(Path::new("/x/rootfs")).display();
+        assert!(line.starts_with("unshare --mount --pid --fork --kill-child"), "{line}");
+        assert!(line.contains("--include=linux-image-virtual,openssh-server"), "{line}");
+        assert!(line.contains("--keyring=/usr/share/keyrings/ubuntu-archive-keyring.gpg"), "{line}");
+        assert!(line.contains("'deb [signed-by=/usr/share/keyrings/ubuntu-archive-keyring.gpg] http://archive.ubuntu.com/ubuntu noble main universe'"), "{line}");
+        assert!(line.contains("http://security.ubuntu.com/ubuntu noble-security main universe"), "{line}");
+        assert!(line.contains("--dpkgopt=path-exclude=/usr/share/man/*"), "{line}");
+        assert!(line.contains("FSTYPE=ext4"), "{line}");
+    }
+
+    #[test]
+    fn cache_key_follows_inputs_and_archive() {
+        let p = load("debian-bookworm", &ProfileSource::Embedded).unwrap();
+        let a = BootstrapSpec::new(&p, None, vec!["a".into()]);
+        let b = BootstrapSpec::new(&p, None, vec!["a".into(), "b".into()]);
+        let r1 = vec![b"release-1".to_vec()];
+        let r2 = vec![b"release-2".to_vec()];
+        assert_eq!(a.cache_key(&r1), a.cache_key(&r1));
+        assert_ne!(a.cache_key(&r1), b.cache_key(&r1));
+        assert_ne!(a.cache_key(&r1), a.cache_key(&r2));
+    }
+}

@@ -1,2 +1,502 @@
-//! cli
-pub fn main() -> i32 { 0 }
+//! The command line: clap definitions and dispatch. Exit codes: 0 success,
+//! 1 findings (the scan or the verification failed), 2 errors (bad input,
+//! a failed preflight or step).
+
+use crate::config::ConfigError;
+use crate::formats::Format;
+use crate::pipeline::{self, BuildOptions, PreflightError};
+use crate::profile::{self, DEFAULT_PROFILE, ProfileSource};
+use crate::progress;
+use crate::scan::{self, ScanContext, Selection, target::Target};
+use crate::stage::{Catalog, StageSource};
+use crate::verify::{self, Accel, VerifyOptions};
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "stemforge",
+    version,
+    about = "Build hardened, stemcell-style OS images and prove them",
+    long_about = "Build hardened, stemcell-style OS images and prove them.\n\n\
+        stemforge bootstraps a minimal root file system, applies the hardening\n\
+        stages, lays the tree out on a GPT disk with separate partitions,\n\
+        writes raw and qcow2 images, boots the result under QEMU + OVMF and\n\
+        runs its compliance scanner inside. The scanner also audits a root\n\
+        tree or the live host.",
+    max_term_width = 80
+)]
+pub struct Cli {
+    /// Show every command line that runs
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+    /// Print only results and errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Build an image: bootstrap, harden, lay out, package, verify
+    Build(BuildArgs),
+    /// Boot an image under QEMU and run the compliance scan inside it
+    Verify(VerifyArgs),
+    /// Scan a root tree or the live host against the controls
+    Scan(ScanArgs),
+    /// List the OS profiles
+    Profiles(ListArgs),
+    /// List the hardening stages and their controls
+    Stages(StagesArgs),
+    /// The in-image verification agent (started by the image itself)
+    #[command(hide = true)]
+    Agent,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct Sources {
+    /// Profiles directory instead of the built-in profiles
+    #[arg(long, value_name = "DIR")]
+    pub profiles_dir: Option<PathBuf>,
+    /// Stages directory instead of the built-in catalog
+    #[arg(long, value_name = "DIR")]
+    pub stages: Option<PathBuf>,
+}
+
+impl Sources {
+    fn profiles(&self) -> ProfileSource {
+        match &self.profiles_dir {
+            Some(d) => ProfileSource::Dir(d.clone()),
+            None => ProfileSource::Embedded,
+        }
+    }
+    fn stages(&self) -> StageSource {
+        match &self.stages {
+            Some(d) => StageSource::Dir(d.clone()),
+            None => StageSource::Embedded,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct VmArgs {
+    /// UEFI firmware as CODE[,VARS] (default: QEMU's descriptors, distro
+    /// paths, then a verified download)
+    #[arg(long, value_name = "CODE[,VARS]")]
+    pub firmware: Option<String>,
+    /// Accelerator; auto uses KVM only when a probe shows it runs a guest
+    #[arg(long, value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+    /// Seconds the guest gets to boot and report (default: qemu/verify.yml)
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// VM definition instead of the built-in qemu/verify.yml
+    #[arg(long, value_name = "FILE")]
+    pub vm: Option<PathBuf>,
+    /// Cache for downloaded firmware and bootstrapped trees
+    #[arg(long, value_name = "DIR", env = "STEMFORGE_CACHE_DIR", default_value_os_t = crate::cache::default_dir())]
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// OS profile: a name (see `stemforge profiles`) or a YAML file
+    #[arg(short, long, default_value = DEFAULT_PROFILE)]
+    pub profile: String,
+    #[command(flatten)]
+    pub sources: Sources,
+    /// Archive mirror for the profile's suites (e.g. a local mirror)
+    #[arg(long, value_name = "URL")]
+    pub mirror: Option<String>,
+    /// Output directory
+    #[arg(short, long, value_name = "DIR", default_value = "out")]
+    pub out: PathBuf,
+    /// Base name of the outputs (default: the profile's name)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Image formats to write
+    #[arg(long = "format", value_enum, value_delimiter = ',', default_values_t = [Format::Raw, Format::Qcow2])]
+    pub formats: Vec<Format>,
+    /// Do not boot and scan the image
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Print the full plan and exit (no network, no root needed)
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keep the work tree under OUT/.work after the build
+    #[arg(long)]
+    pub keep_work: bool,
+    /// The stemforge binary to put into the image (default: this one)
+    #[arg(long, value_name = "FILE")]
+    pub agent_binary: Option<PathBuf>,
+    /// Print the result as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The image (raw or qcow2)
+    pub image: PathBuf,
+    /// Where the console log and reports go (default: beside the image)
+    #[arg(short, long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print the verdict as JSON on stdout
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["root", "live"])))]
+pub struct ScanArgs {
+    /// Scan the root tree at DIR (symlinks resolved inside it)
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Scan the running system
+    #[arg(long)]
+    pub live: bool,
+    /// Output format
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+    /// Write the report to FILE instead of stdout
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Stages directory instead of the built-in catalog
+    #[arg(long, value_name = "DIR")]
+    pub stages: Option<PathBuf>,
+    /// Roles of the target (default: from /etc/stemforge/image.json)
+    #[arg(long = "role", value_name = "ROLE")]
+    pub roles: Vec<String>,
+    /// Only these controls
+    #[arg(long = "control", value_name = "ID")]
+    pub controls: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Profiles directory instead of the built-in profiles
+    #[arg(long, value_name = "DIR")]
+    pub profiles_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct StagesArgs {
+    /// Stages directory instead of the built-in catalog
+    #[arg(long, value_name = "DIR")]
+    pub stages: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+/// Parse the command line, run, and return the exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    progress::init(cli.verbose, cli.quiet);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", render_error(&e));
+            2
+        }
+    }
+}
+
+/// An error as the user should read it: configuration and preflight
+/// problems as they are, others with their chain of context.
+fn render_error(e: &anyhow::Error) -> String {
+    if let Some(c) = e.downcast_ref::<ConfigError>() {
+        return c.to_string();
+    }
+    if let Some(p) = e.downcast_ref::<PreflightError>() {
+        return p.to_string();
+    }
+    format!("{e:#}")
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::Build(a) => build(a),
+        Command::Verify(a) => verify_cmd(a),
+        Command::Scan(a) => scan_cmd(a),
+        Command::Profiles(a) => profiles(a),
+        Command::Stages(a) => stages(a),
+        Command::Agent => {
+            verify::run_agent()?;
+            Ok(0)
+        }
+    }
+}
+
+fn build(a: BuildArgs) -> Result<i32> {
+    pipeline::check_out_dir(&a.out)?;
+    let o = BuildOptions {
+        profile: a.profile,
+        profiles: a.sources.profiles(),
+        stages: a.sources.stages(),
+        mirror: a.mirror,
+        out_dir: a.out,
+        name: a.name,
+        formats: a.formats,
+        verify: !a.no_verify,
+        dry_run: a.dry_run,
+        cache_dir: a.vm.cache_dir,
+        keep_work: a.keep_work,
+        firmware: a.vm.firmware,
+        accel: a.vm.accel,
+        timeout: a.vm.timeout,
+        vm_def: a.vm.vm,
+        agent_binary: a.agent_binary,
+    };
+    let Some(built) = pipeline::build(&o)? else {
+        return Ok(0);
+    };
+    if a.json {
+        let v = serde_json::json!({
+            "passed": built.passed(),
+            "name": built.plan.name,
+            "artifacts": built.artifacts,
+            "offline_scan": built.offline.summary,
+            "verify": built.verdict,
+            "steps": built.steps.to_json(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        for art in &built.artifacts {
+            println!(
+                "{}  {}",
+                art.path.display(),
+                crate::config::format_size(art.disk_usage)
+            );
+        }
+        if let Some(v) = &built.verdict {
+            print_verdict(v);
+        }
+    }
+    Ok(if built.passed() { 0 } else { 1 })
+}
+
+fn print_verdict(v: &verify::Verdict) {
+    if v.passed {
+        let scan = v.agent.as_ref().map(|a| &a.scan.summary);
+        println!(
+            "verify: PASSED ({}; booted in {:.0} s; {} controls pass live, {} not applicable)",
+            v.accel,
+            v.boot_seconds.unwrap_or(0.0),
+            scan.map(|s| s.pass).unwrap_or(0),
+            scan.map(|s| s.not_applicable).unwrap_or(0)
+        );
+    } else {
+        println!("verify: FAILED ({})", v.accel);
+        for p in &v.problems {
+            println!("  - {p}");
+        }
+        println!("  console log: {}", v.console_log.display());
+    }
+}
+
+fn verify_cmd(a: VerifyArgs) -> Result<i32> {
+    let out_dir = match a.out {
+        Some(d) => d,
+        None => a
+            .image
+            .parent()
+            .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let name = a
+        .image
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let mut steps = progress::Steps::new();
+    let v = steps.run("verify", |_| {
+        verify::verify(&VerifyOptions {
+            image: a.image.clone(),
+            out_dir: out_dir.clone(),
+            name,
+            firmware: a.vm.firmware,
+            accel: a.vm.accel,
+            timeout: a.vm.timeout,
+            vm_def: a.vm.vm,
+            cache_dir: a.vm.cache_dir,
+        })
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_verdict(&v);
+    }
+    Ok(if v.passed { 0 } else { 1 })
+}
+
+fn scan_cmd(a: ScanArgs) -> Result<i32> {
+    let source = match &a.stages {
+        Some(d) => StageSource::Dir(d.clone()),
+        None => StageSource::Embedded,
+    };
+    let catalog = Catalog::load(&source)?;
+    for id in &a.controls {
+        if !catalog.controls().any(|(_, c)| &c.id == id) {
+            return Err(ConfigError::new("--control", format!("no control `{id}` (see `stemforge stages`)")).into());
+        }
+    }
+    let target = match &a.root {
+        Some(dir) => Target::root(dir)?,
+        None => Target::live(),
+    };
+    let roles = (!a.roles.is_empty()).then(|| a.roles.clone());
+    let ctx = ScanContext::detect(&target, roles);
+    let report = scan::run(&catalog, &target, &ctx, &Selection { ids: a.controls.clone() });
+    let text = match a.format {
+        OutputFormat::Json => scan::report::render_json(&report) + "\n",
+        OutputFormat::Text => scan::report::render_text(&report, progress_verbose()),
+    };
+    match &a.output {
+        Some(f) => crate::fsutil::write_atomic(f, text.as_bytes())?,
+        None => print!("{text}"),
+    }
+    Ok(if report.passed() { 0 } else { 1 })
+}
+
+fn progress_verbose() -> bool {
+    std::env::args().any(|a| a == "-v" || a == "--verbose")
+}
+
+fn profiles(a: ListArgs) -> Result<i32> {
+    let source = match &a.profiles_dir {
+        Some(d) => ProfileSource::Dir(d.clone()),
+        None => ProfileSource::Embedded,
+    };
+    let mut list = Vec::new();
+    for n in source.names()? {
+        list.push(profile::load(&n, &source)?);
+    }
+    match a.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
+        OutputFormat::Text => {
+            for p in &list {
+                let default = if p.name == DEFAULT_PROFILE { " (default)" } else { "" };
+                println!(
+                    "{:<18} {} {} ({}), kernel {}, {} partitions{default}",
+                    p.name,
+                    p.os.distro,
+                    p.os.version,
+                    p.os.codename,
+                    p.kernel,
+                    p.disk.partitions.len()
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn stages(a: StagesArgs) -> Result<i32> {
+    let source = match &a.stages {
+        Some(d) => StageSource::Dir(d.clone()),
+        None => StageSource::Embedded,
+    };
+    let catalog = Catalog::load(&source)?;
+    match a.format {
+        OutputFormat::Json => {
+            let v: Vec<serde_json::Value> = catalog
+                .stages
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "stage": s.dir_name,
+                        "summary": s.summary,
+                        "when": s.when,
+                        "controls": s.controls.iter().map(|c| serde_json::json!({
+                            "id": c.id,
+                            "title": c.title,
+                            "severity": c.severity,
+                            "refs": c.refs,
+                            "scope": c.scope,
+                            "check": c.check.describe(),
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        OutputFormat::Text => {
+            let mut total = 0;
+            for s in &catalog.stages {
+                let when = if s.when == Default::default() {
+                    String::new()
+                } else {
+                    format!(" [{}]", s.when.describe())
+                };
+                println!("{}{when}: {} controls", s.dir_name, s.controls.len());
+                for c in &s.controls {
+                    let faq = c
+                        .refs
+                        .get("faq")
+                        .map(|f| format!(" (FAQ {})", f.join(", ")))
+                        .unwrap_or_default();
+                    println!("  {:<30} {:<6} {}{faq}", c.id, c.severity.as_str(), c.title);
+                }
+                total += s.controls.len();
+            }
+            println!("{} stages, {total} controls", catalog.stages.len());
+        }
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_fits_80_columns() {
+        let mut cmd = Cli::command();
+        let mut texts = vec![cmd.render_long_help().to_string()];
+        for sub in cmd.get_subcommands_mut() {
+            texts.push(sub.render_long_help().to_string());
+        }
+        for t in texts {
+            for l in t.lines() {
+                assert!(l.chars().count() <= 80, "too wide: {l:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn build_defaults_to_ubuntu_noble_raw_and_qcow2() {
+        let cli = Cli::try_parse_from(["stemforge", "build"]).unwrap();
+        let Command::Build(b) = cli.command else { panic!() };
+        assert_eq!(b.profile, "ubuntu-noble");
+        assert_eq!(b.formats, vec![Format::Raw, Format::Qcow2]);
+        assert!(!b.no_verify);
+    }
+
+    #[test]
+    fn scan_needs_a_target() {
+        assert!(Cli::try_parse_from(["stemforge", "scan"]).is_err());
+        assert!(Cli::try_parse_from(["stemforge", "scan", "--root", "/x", "--live"]).is_err());
+        assert!(Cli::try_parse_from(["stemforge", "scan", "--live"]).is_ok());
+    }
+}

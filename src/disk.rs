@@ -1,1 +1,736 @@
-//! disk
+//! The disk phase: the profile's partition plan laid out on a GPT disk.
+//!
+//! No loop devices and no mounts: each ext4 file system is made with
+//! `mkfs.ext4 -d` straight from its part of the tree, the ESP is written
+//! with the `fatfs` crate, the GPT with the `gpt` crate into a fresh sparse
+//! file, and the partition images are copied in hole by hole. The boot
+//! chain is GRUB built from the image's own modules as
+//! `EFI/BOOT/BOOTX64.EFI`, with an embedded configuration that finds the
+//! root file system by UUID and loads `/boot/grub/grub.cfg`.
+
+use crate::chroot::Chroot;
+use crate::config::format_size;
+use crate::exec::cmd;
+use crate::fsutil;
+use crate::profile::{ExtraMount, ExtraMountKind, FsType, Profile};
+use crate::progress;
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use uuid::Uuid;
+
+pub const SECTOR: u64 = 512;
+/// Partitions start on 1 MiB boundaries.
+pub const ALIGN: u64 = 1 << 20;
+
+/// GPT partition type GUIDs (UEFI spec and the Discoverable Partitions
+/// Specification).
+pub mod types {
+    pub const ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
+    pub const ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
+    pub const VAR: &str = "4D21B016-B534-45C2-A9FB-5C16E091FD2D";
+    pub const VAR_TMP: &str = "7EC6F557-3BC5-4ACA-B293-16EF5DF639D1";
+    pub const HOME: &str = "933AC7E1-2EB4-4F13-B844-0E14E2AEF915";
+    pub const SRV: &str = "3B8F8425-20E0-4F3B-907F-1A25A76F98E8";
+    pub const LINUX_DATA: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+}
+
+/// ext4 features named explicitly: what GRUB 2.06 and e2fsprogs 1.46
+/// (Ubuntu 22.04) read, without the newer defaults (orphan_file,
+/// metadata_csum_seed) that would make an older fsck refuse the disk.
+pub const EXT4_FEATURES: &str = "none,has_journal,ext_attr,resize_inode,dir_index,filetype,extent,64bit,flex_bg,sparse_super,large_file,huge_file,dir_nlink,extra_isize,metadata_csum";
+
+/// GRUB modules built into BOOTX64.EFI (nothing is loaded from disk).
+pub const GRUB_MODULES: &[&str] = &[
+    "part_gpt", "part_msdos", "fat", "ext2", "normal", "configfile", "search", "search_fs_uuid",
+    "search_label", "linux", "gzio", "echo", "test", "all_video", "efi_gop", "serial",
+    "terminal", "password_pbkdf2", "pbkdf2", "gcry_sha512", "sleep", "boot", "reboot", "halt",
+    "ls", "cat",
+];
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedPartition {
+    /// GPT entry number, from 1.
+    pub number: u32,
+    pub mount: String,
+    pub fs: FsType,
+    pub label: String,
+    pub options: Vec<String>,
+    pub first_lba: u64,
+    pub sectors: u64,
+    pub type_guid: String,
+    pub part_guid: Uuid,
+    /// ext4: the file-system UUID; vfat: the volume id as `ABCD-1234`.
+    pub fs_uuid: String,
+    #[serde(skip)]
+    pub fat_id: u32,
+}
+
+impl PlannedPartition {
+    pub fn size(&self) -> u64 {
+        self.sectors * SECTOR
+    }
+    pub fn offset(&self) -> u64 {
+        self.first_lba * SECTOR
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskPlan {
+    pub size: u64,
+    pub disk_guid: Uuid,
+    pub partitions: Vec<PlannedPartition>,
+    pub mounts: Vec<ExtraMount>,
+}
+
+fn type_for(mount: &str, fs: FsType) -> &'static str {
+    match (mount, fs) {
+        (_, FsType::Vfat) => types::ESP,
+        ("/", _) => types::ROOT_X86_64,
+        ("/var", _) => types::VAR,
+        ("/var/tmp", _) => types::VAR_TMP,
+        ("/home", _) => types::HOME,
+        ("/srv", _) => types::SRV,
+        _ => types::LINUX_DATA,
+    }
+}
+
+/// Lay the profile's partitions out, in order, on 1 MiB boundaries, with
+/// fresh identifiers.
+pub fn plan(p: &Profile) -> DiskPlan {
+    let mut at = ALIGN;
+    let mut partitions = Vec::new();
+    for (i, part) in p.disk.partitions.iter().enumerate() {
+        let size = part.size.div_ceil(ALIGN) * ALIGN;
+        let fat_id = u32::from_le_bytes(Uuid::new_v4().as_bytes()[..4].try_into().expect("4 bytes"));
+        let fs_uuid = match part.fs {
+            FsType::Ext4 => Uuid::new_v4().to_string(),
+            FsType::Vfat => format!("{:04X}-{:04X}", fat_id >> 16, fat_id & 0xffff),
+        };
+        partitions.push(PlannedPartition {
+            number: i as u32 + 1,
+            mount: part.mount.clone(),
+            fs: part.fs,
+            label: part.label.clone(),
+            options: part.options.clone(),
+            first_lba: at / SECTOR,
+            sectors: size / SECTOR,
+            type_guid: type_for(&part.mount, part.fs).to_string(),
+            part_guid: Uuid::new_v4(),
+            fs_uuid,
+            fat_id,
+        });
+        at += size;
+    }
+    DiskPlan {
+        size: p.disk.size,
+        disk_guid: Uuid::new_v4(),
+        partitions,
+        mounts: p.disk.mounts.clone(),
+    }
+}
+
+impl DiskPlan {
+    pub fn root(&self) -> &PlannedPartition {
+        self.partitions
+            .iter()
+            .find(|p| p.mount == "/")
+            .expect("validated: one root")
+    }
+
+    pub fn esp(&self) -> &PlannedPartition {
+        self.partitions
+            .iter()
+            .find(|p| p.fs == FsType::Vfat)
+            .expect("validated: one ESP")
+    }
+
+    /// /etc/fstab: every partition by UUID with its options, then the
+    /// extra mounts; parents before children.
+    pub fn fstab(&self) -> String {
+        let mut rows: Vec<(String, String, String, String, u8)> = Vec::new();
+        for p in &self.partitions {
+            let opts = if p.options.is_empty() {
+                "defaults".to_string()
+            } else {
+                p.options.join(",")
+            };
+            let pass = if p.mount == "/" { 1 } else { 2 };
+            rows.push((format!("UUID={}", p.fs_uuid), p.mount.clone(), p.fs.as_str().to_string(), opts, pass));
+        }
+        for m in &self.mounts {
+            let (spec, fstype, mut opts) = match &m.kind {
+                ExtraMountKind::Tmpfs => ("tmpfs".to_string(), "tmpfs", Vec::new()),
+                ExtraMountKind::Bind { source } => (source.clone(), "none", vec!["bind".to_string()]),
+            };
+            opts.extend(m.options.iter().cloned());
+            if opts.is_empty() {
+                opts.push("defaults".into());
+            }
+            rows.push((spec, m.mount.clone(), fstype.to_string(), opts.join(","), 0));
+        }
+        rows.sort_by_key(|r| if r.1 == "/" { 0 } else { r.1.matches('/').count() });
+        let mut out = String::from(
+            "# /etc/fstab: written by stemforge from the profile's disk layout.\n# <file system> <mount point> <type> <options> <dump> <pass>\n",
+        );
+        for (spec, mount, fstype, opts, pass) in rows {
+            out.push_str(&format!("{spec}\t{mount}\t{fstype}\t{opts}\t0\t{pass}\n"));
+        }
+        out
+    }
+
+    /// A table of the layout for the plan printout.
+    pub fn describe(&self) -> String {
+        let mut s = format!("GPT disk, {} (disk GUID {})\n", format_size(self.size), self.disk_guid);
+        for p in &self.partitions {
+            s.push_str(&format!(
+                "  {:>2}  {:<16} {:<5} {:>7}  at {:>7}  {}\n",
+                p.number,
+                p.mount,
+                p.fs.as_str(),
+                format_size(p.size()),
+                format_size(p.offset()),
+                if p.options.is_empty() { "-".to_string() } else { p.options.join(",") }
+            ));
+        }
+        for m in &self.mounts {
+            let what = match &m.kind {
+                ExtraMountKind::Tmpfs => "tmpfs".to_string(),
+                ExtraMountKind::Bind { source } => format!("bind of {source}"),
+            };
+            s.push_str(&format!("      {:<16} {what}  {}\n", m.mount, m.options.join(",")));
+        }
+        s
+    }
+}
+
+/// Random bytes from the kernel.
+pub fn random_bytes(n: usize) -> Result<Vec<u8>> {
+    let mut b = vec![0u8; n];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .context("reading /dev/urandom")?;
+    Ok(b)
+}
+
+/// GRUB's `password_pbkdf2` hash of `password`:
+/// `grub.pbkdf2.sha512.ROUNDS.SALT.HASH` (upper-case hex, 64-byte hash).
+pub fn grub_pbkdf2(password: &[u8], salt: &[u8], rounds: u32) -> String {
+    let mut out = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password, salt, rounds, &mut out);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02X}")).collect::<String>();
+    format!("grub.pbkdf2.sha512.{rounds}.{}.{}", hex(salt), hex(&out))
+}
+
+/// A fresh superuser password for this build, returned only as its hash:
+/// nobody ever sees it, so nobody can edit boot entries or boot into
+/// recovery mode from the console; unattended boots are unaffected.
+pub fn fresh_grub_password_hash() -> Result<String> {
+    let password = random_bytes(32)?;
+    let salt = random_bytes(64)?;
+    Ok(grub_pbkdf2(&password, &salt, 10_000))
+}
+
+/// The newest kernel in the tree's /boot.
+pub fn kernel_version(tree: &Path) -> Result<String> {
+    let boot = tree.join("boot");
+    let mut versions: Vec<String> = std::fs::read_dir(&boot)
+        .with_context(|| format!("reading {}", boot.display()))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_string))
+        .filter(|v| boot.join(format!("initrd.img-{v}")).exists())
+        .collect();
+    versions.sort_by(|a, b| version_cmp(a, b));
+    versions
+        .pop()
+        .with_context(|| format!("no kernel with an initrd in {} (is the kernel package installed?)", boot.display()))
+}
+
+fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let parts = |s: &str| -> Vec<u64> {
+        s.split(|c: char| !c.is_ascii_digit())
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().unwrap_or(0))
+            .collect()
+    };
+    parts(a).cmp(&parts(b))
+}
+
+/// /boot/grub/grub.cfg.
+pub fn grub_cfg(plan: &DiskPlan, p: &Profile, kernel: &str, password_hash: &str) -> String {
+    let root = &plan.root().fs_uuid;
+    let title = if p.description.is_empty() { p.name.clone() } else { p.description.clone() };
+    let cmdline = p.boot.cmdline.join(" ");
+    let entry = |name: &str, id: &str, access: &str, extra: &str| {
+        format!(
+            "menuentry '{name}' --id {id} {access} {{\n\tsearch --no-floppy --fs-uuid --set=root {root}\n\tlinux /boot/vmlinuz-{kernel} root=UUID={root} ro{extra} {cmdline}\n\tinitrd /boot/initrd.img-{kernel}\n}}\n"
+        )
+    };
+    format!(
+        "# /boot/grub/grub.cfg: written by stemforge (disk phase). Root only, mode 0600.\n\
+         # Booting the normal entry needs no password; editing an entry, the\n\
+         # command line and the recovery entry need the superuser's.\n\
+         set superusers=\"root\"\n\
+         password_pbkdf2 root {password_hash}\n\n\
+         serial --unit=0 --speed=115200 --word=8 --parity=no --stop=1\n\
+         terminal_input console serial\n\
+         terminal_output console serial\n\
+         set timeout={}\n\
+         set default=stemforge\n\n{}\n{}",
+        p.boot.timeout,
+        entry(&title, "stemforge", "--unrestricted", ""),
+        entry(&format!("{title} (recovery mode)"), "stemforge-recovery", "--users root", " single"),
+    )
+}
+
+/// The configuration embedded in BOOTX64.EFI.
+pub fn early_cfg(plan: &DiskPlan) -> String {
+    let root = &plan.root().fs_uuid;
+    format!(
+        "search --no-floppy --fs-uuid --set=root {root}\nset prefix=($root)/boot/grub\nconfigfile $prefix/grub.cfg\n"
+    )
+}
+
+/// Build BOOTX64.EFI with the image's own grub-mkimage and modules.
+pub fn build_grub_efi(chroot: &Chroot, plan: &DiskPlan) -> Result<Vec<u8>> {
+    let root = chroot.root();
+    let mods = root.join("usr/lib/grub/x86_64-efi");
+    if !mods.join("normal.mod").exists() {
+        bail!("{} has no GRUB EFI modules: install grub-efi-amd64-bin in the profile", mods.display());
+    }
+    let cfg = root.join("tmp/stemforge-early.cfg");
+    std::fs::write(&cfg, early_cfg(plan)).with_context(|| format!("writing {}", cfg.display()))?;
+    let mut argv = vec![
+        "grub-mkimage",
+        "-O",
+        "x86_64-efi",
+        "-o",
+        "/tmp/stemforge-bootx64.efi",
+        "-c",
+        "/tmp/stemforge-early.cfg",
+        "-p",
+        "/boot/grub",
+        "-d",
+        "/usr/lib/grub/x86_64-efi",
+    ];
+    argv.extend(GRUB_MODULES);
+    let r = chroot.run(&argv).context("building BOOTX64.EFI with the image's grub-mkimage");
+    let out = root.join("tmp/stemforge-bootx64.efi");
+    let bytes = r.and_then(|_| std::fs::read(&out).with_context(|| format!("reading {}", out.display())));
+    let _ = std::fs::remove_file(&cfg);
+    let _ = std::fs::remove_file(&out);
+    bytes
+}
+
+/// A part of the tree moved aside to become its own file system.
+struct Carved {
+    mount: String,
+    staged: PathBuf,
+}
+
+/// Move each non-root partition's subtree out of the tree (deepest first),
+/// leaving an empty mount point with the original mode and owner.
+fn carve(tree: &Path, stage_dir: &Path, plan: &DiskPlan) -> Result<Vec<Carved>> {
+    let mut parts: Vec<&PlannedPartition> = plan.partitions.iter().filter(|p| p.mount != "/").collect();
+    parts.sort_by_key(|p| std::cmp::Reverse(p.mount.matches('/').count()));
+    let mut carved = Vec::new();
+    for p in parts {
+        let src = tree.join(p.mount.trim_start_matches('/'));
+        match src.symlink_metadata() {
+            Ok(md) if md.file_type().is_symlink() => {
+                bail!("{} is a symlink in the tree; it cannot be a mount point", p.mount)
+            }
+            Ok(_) => {}
+            Err(_) => {
+                std::fs::create_dir_all(&src).with_context(|| format!("creating mount point {}", p.mount))?;
+            }
+        }
+        let md = src.metadata()?;
+        let staged = stage_dir.join(&p.label);
+        std::fs::rename(&src, &staged)
+            .with_context(|| format!("moving {} aside", src.display()))?;
+        std::fs::create_dir(&src).with_context(|| format!("creating mount point {}", src.display()))?;
+        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(md.mode() & 0o7777))?;
+        fsutil::lchown(&src, md.uid(), md.gid())?;
+        carved.push(Carved {
+            mount: p.mount.clone(),
+            staged,
+        });
+    }
+    Ok(carved)
+}
+
+/// Put carved subtrees back, shallowest first.
+fn uncarve(tree: &Path, carved: Vec<Carved>) -> Result<()> {
+    for c in carved.into_iter().rev() {
+        let dst = tree.join(c.mount.trim_start_matches('/'));
+        std::fs::remove_dir(&dst).with_context(|| format!("removing mount point {}", dst.display()))?;
+        std::fs::rename(&c.staged, &dst)
+            .with_context(|| format!("moving {} back to {}", c.staged.display(), dst.display()))?;
+    }
+    Ok(())
+}
+
+/// `mkfs.ext4 -d` of `src` into a fresh image file, then give the file
+/// system's top directory the mode and owner of `src` (mke2fs does not).
+pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
+    let md = src.metadata().with_context(|| format!("stat {}", src.display()))?;
+    let used = fsutil::tree_usage(src)?;
+    // Room for metadata: the journal (up to 64 MiB here), inode tables and
+    // the 5% reserve.
+    let need = used + used / 10 + (64 << 20).min(p.size() / 8) + p.size() / 20;
+    if need > p.size() {
+        bail!(
+            "partition {} ({}) is too small for its {} of files; raise its size in the profile",
+            p.mount,
+            format_size(p.size()),
+            format_size(used)
+        );
+    }
+    let f = File::create(image).with_context(|| format!("creating {}", image.display()))?;
+    f.set_len(p.size()).with_context(|| format!("sizing {}", image.display()))?;
+    drop(f);
+    cmd(
+        "mkfs.ext4",
+        [
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-O",
+            EXT4_FEATURES,
+            "-L",
+            &p.label,
+            "-U",
+            &p.fs_uuid,
+            "-E",
+            &format!("root_owner={}:{}", md.uid(), md.gid()),
+            "-d",
+        ],
+    )
+    .arg(src)
+    .arg(image)
+    .run()
+    .with_context(|| format!("making the {} file system", p.mount))?;
+    let mode = 0o040000 | (md.mode() & 0o7777);
+    cmd("debugfs", ["-w", "-R", &format!("set_inode_field / mode 0{mode:o}")])
+        .arg(image)
+        .run()
+        .with_context(|| format!("setting the mode of {}", p.mount))?;
+    Ok(())
+}
+
+/// The EFI system partition: FAT32 with the tree's /boot/efi content and
+/// GRUB at the removable-media path.
+pub fn write_esp(image: &Path, p: &PlannedPartition, src: &Path, bootx64: &[u8]) -> Result<()> {
+    use fatfs::{FatType, FileSystem, FormatVolumeOptions, FsOptions};
+    let f = File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("creating {}", image.display()))?;
+    f.set_len(p.size()).with_context(|| format!("sizing {}", image.display()))?;
+    // FAT32 needs at least 65525 clusters: the largest cluster that leaves
+    // that many, with room to spare.
+    let mut cluster: u32 = 4096;
+    while cluster > 512 && p.size() / cluster as u64 <= 65_525 * 21 / 20 {
+        cluster /= 2;
+    }
+    let mut label = [b' '; 11];
+    for (i, b) in p.label.to_ascii_uppercase().bytes().take(11).enumerate() {
+        label[i] = b;
+    }
+    fatfs::format_volume(
+        &f,
+        FormatVolumeOptions::new()
+            .fat_type(FatType::Fat32)
+            .bytes_per_cluster(cluster)
+            .volume_id(p.fat_id)
+            .volume_label(label),
+    )
+    .with_context(|| format!("formatting the ESP {}", image.display()))?;
+    let fs = FileSystem::new(&f, FsOptions::new()).context("opening the fresh ESP")?;
+    {
+        let root = fs.root_dir();
+        copy_into_fat(&root, src)?;
+        let efi = root.create_dir("EFI").context("ESP: creating EFI")?;
+        let boot = efi.create_dir("BOOT").context("ESP: creating EFI/BOOT")?;
+        let mut file = boot.create_file("BOOTX64.EFI").context("ESP: creating BOOTX64.EFI")?;
+        file.truncate().context("ESP: truncating BOOTX64.EFI")?;
+        file.write_all(bootx64).context("ESP: writing BOOTX64.EFI")?;
+        file.flush().context("ESP: flushing BOOTX64.EFI")?;
+    }
+    fs.unmount().context("closing the ESP")?;
+    f.sync_all().context("syncing the ESP")?;
+    Ok(())
+}
+
+fn copy_into_fat<T: fatfs::ReadWriteSeek>(dir: &fatfs::Dir<T>, src: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let md = entry.metadata()?;
+        if md.is_dir() {
+            let sub = dir.create_dir(&name).with_context(|| format!("ESP: creating {name}"))?;
+            copy_into_fat(&sub, &entry.path())?;
+        } else if md.is_file() {
+            let mut f = dir.create_file(&name).with_context(|| format!("ESP: creating {name}"))?;
+            f.truncate()?;
+            f.write_all(&std::fs::read(entry.path())?)
+                .with_context(|| format!("ESP: writing {name}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write the GPT into a fresh sparse file of the disk's size and copy each
+/// partition image into place.
+pub fn write_gpt_disk(out: &Path, plan: &DiskPlan, images: &[(u32, PathBuf)]) -> Result<()> {
+    use gpt::disk::LogicalBlockSize;
+    use gpt::partition_types::{OperatingSystem, Type};
+    let mut f = File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    f.set_len(plan.size).with_context(|| format!("sizing {}", out.display()))?;
+    let lbas = u32::try_from(plan.size / SECTOR - 1).unwrap_or(u32::MAX);
+    gpt::mbr::ProtectiveMBR::with_lb_size(lbas)
+        .overwrite_lba0(&mut f)
+        .with_context(|| format!("writing the protective MBR to {}", out.display()))?;
+    let mut disk = gpt::GptConfig::new()
+        .writable(true)
+        .logical_block_size(LogicalBlockSize::Lb512)
+        .create_from_device(f, Some(plan.disk_guid))
+        .with_context(|| format!("creating the GPT of {}", out.display()))?;
+    for p in &plan.partitions {
+        let guid = Uuid::parse_str(&p.type_guid).expect("static GUIDs parse");
+        disk.add_partition_at(
+            &p.label,
+            p.number,
+            p.first_lba,
+            p.sectors,
+            Type {
+                guid,
+                os: OperatingSystem::Linux,
+            },
+            0,
+        )
+        .with_context(|| format!("adding partition {} ({}) to the GPT", p.number, p.mount))?;
+    }
+    let mut entries = disk.partitions().clone();
+    for (n, e) in entries.iter_mut() {
+        if let Some(p) = plan.partitions.iter().find(|p| p.number == *n) {
+            e.part_guid = p.part_guid;
+        }
+    }
+    disk.update_partitions(entries).context("setting partition GUIDs")?;
+    let f = disk
+        .write()
+        .with_context(|| format!("writing the GPT to {}", out.display()))?;
+    for (n, img) in images {
+        let p = plan
+            .partitions
+            .iter()
+            .find(|p| p.number == *n)
+            .expect("an image per planned partition");
+        let src = File::open(img).with_context(|| format!("opening {}", img.display()))?;
+        fsutil::copy_sparse_into(&src, &f, p.offset())
+            .with_context(|| format!("copying {} into {}", img.display(), out.display()))?;
+    }
+    f.sync_all().with_context(|| format!("syncing {}", out.display()))?;
+    Ok(())
+}
+
+/// What the disk phase made.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub kernel: String,
+    pub partitions: Vec<(String, u64)>,
+}
+
+/// The whole phase: fstab and grub.cfg into the tree, BOOTX64.EFI, every
+/// file system, the GPT disk at `out` (complete when this returns).
+pub fn assemble(chroot: &Chroot, profile: &Profile, plan: &DiskPlan, work: &Path, out: &Path) -> Result<DiskReport> {
+    let tree = chroot.root().to_path_buf();
+    let kernel = kernel_version(&tree)?;
+    let fstab = tree.join("etc/fstab");
+    std::fs::write(&fstab, plan.fstab()).context("writing /etc/fstab")?;
+    let grub_dir = tree.join("boot/grub");
+    std::fs::create_dir_all(&grub_dir).context("creating /boot/grub")?;
+    let cfg = grub_dir.join("grub.cfg");
+    std::fs::write(&cfg, grub_cfg(plan, profile, &kernel, &fresh_grub_password_hash()?))
+        .context("writing /boot/grub/grub.cfg")?;
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).context("chmod grub.cfg")?;
+    fsutil::lchown(&cfg, 0, 0)?;
+    progress::activity("grub-mkimage");
+    let bootx64 = build_grub_efi(chroot, plan)?;
+
+    let stage_dir = work.join("parts");
+    fsutil::remove_tree(&stage_dir)?;
+    std::fs::create_dir_all(&stage_dir).with_context(|| format!("creating {}", stage_dir.display()))?;
+    let carved = carve(&tree, &stage_dir, plan)?;
+    let made = make_filesystems(&tree, plan, &carved, work, &bootx64);
+    uncarve(&tree, carved)?;
+    let images = made?;
+    progress::activity("writing the GPT disk");
+    write_gpt_disk(out, plan, &images)?;
+    for (_, img) in &images {
+        let _ = std::fs::remove_file(img);
+    }
+    Ok(DiskReport {
+        kernel,
+        partitions: plan.partitions.iter().map(|p| (p.mount.clone(), p.size())).collect(),
+    })
+}
+
+fn make_filesystems(
+    tree: &Path,
+    plan: &DiskPlan,
+    carved: &[Carved],
+    work: &Path,
+    bootx64: &[u8],
+) -> Result<Vec<(u32, PathBuf)>> {
+    let mut images = Vec::new();
+    for p in &plan.partitions {
+        let src = if p.mount == "/" {
+            tree.to_path_buf()
+        } else {
+            carved
+                .iter()
+                .find(|c| c.mount == p.mount)
+                .map(|c| c.staged.clone())
+                .expect("every partition was carved")
+        };
+        let img = work.join(format!("part{}-{}.img", p.number, p.label));
+        progress::activity(&format!("{} {}", p.fs.as_str(), p.mount));
+        match p.fs {
+            FsType::Ext4 => mkfs_ext4(&img, p, &src)?,
+            FsType::Vfat => write_esp(&img, p, &src, bootx64)?,
+        }
+        images.push((p.number, img));
+    }
+    Ok(images)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::profile::{ProfileSource, load};
+
+    fn profile() -> Profile {
+        load("debian-bookworm", &ProfileSource::Embedded).unwrap()
+    }
+
+    #[test]
+    fn plan_is_aligned_ordered_and_fits() {
+        let p = profile();
+        let plan = plan(&p);
+        assert_eq!(plan.partitions.len(), p.disk.partitions.len());
+        let mut end = 0;
+        for part in &plan.partitions {
+            assert_eq!(part.offset() % ALIGN, 0, "{} aligned", part.mount);
+            assert!(part.offset() >= end, "{} does not overlap", part.mount);
+            end = part.offset() + part.size();
+        }
+        assert!(end + (1 << 20) <= plan.size, "backup GPT fits");
+        assert_eq!(plan.esp().type_guid, types::ESP);
+        assert_eq!(plan.root().type_guid, types::ROOT_X86_64);
+        assert!(plan.esp().fs_uuid.len() == 9 && plan.esp().fs_uuid.contains('-'));
+    }
+
+    #[test]
+    fn fstab_lists_uuids_options_and_extra_mounts() {
+        let plan = plan(&profile());
+        let f = plan.fstab();
+        let root = format!("UUID={}\t/\text4\terrors=remount-ro\t0\t1", plan.root().fs_uuid);
+        assert!(f.contains(&root), "{f}");
+        assert!(f.contains("\t/tmp\text4\tnodev,nosuid,noexec\t0\t2"), "{f}");
+        assert!(f.contains("tmpfs\t/dev/shm\ttmpfs\tnodev,nosuid,noexec\t0\t0"), "{f}");
+        assert!(f.contains("/tmp\t/var/tmp\tnone\tbind,nodev,nosuid,noexec\t0\t0"), "{f}");
+        // Parents come before children.
+        let pos = |m: &str| f.find(&format!("\t{m}\t")).unwrap();
+        assert!(pos("/var") < pos("/var/log") && pos("/var/log") < pos("/var/log/audit"));
+        // The scanner reads what the disk phase writes.
+        let parsed = crate::scan::kinds::mount::parse_fstab(&f);
+        assert_eq!(parsed.len(), plan.partitions.len() + plan.mounts.len());
+    }
+
+    #[test]
+    fn grub_pbkdf2_matches_a_known_vector() {
+        // PBKDF2-HMAC-SHA512("password", "salt", 1), first bytes.
+        let h = grub_pbkdf2(b"password", b"salt", 1);
+        assert!(h.starts_with("grub.pbkdf2.sha512.1.73616C74.867F70CF1ADE02CF"), "{h}");
+        let fresh = fresh_grub_password_hash().unwrap();
+        let re = regex::Regex::new(r"^grub\.pbkdf2\.sha512\.10000\.[0-9A-F]{128}\.[0-9A-F]{128}$").unwrap();
+        assert!(re.is_match(&fresh), "{fresh}");
+        assert_ne!(fresh, fresh_grub_password_hash().unwrap());
+    }
+
+    #[test]
+    fn grub_cfg_restricts_all_but_the_normal_entry() {
+        let p = profile();
+        let plan = plan(&p);
+        let cfg = grub_cfg(&plan, &p, "6.1.0-50-amd64", "grub.pbkdf2.sha512.10000.AA.BB");
+        assert!(cfg.contains("set superusers=\"root\"\npassword_pbkdf2 root grub.pbkdf2.sha512.10000.AA.BB"));
+        assert!(cfg.contains("--id stemforge --unrestricted {"), "{cfg}");
+        assert!(cfg.contains("--id stemforge-recovery --users root {"), "{cfg}");
+        let linux = format!(
+            "root=UUID={} ro console=tty1 console=ttyS0,115200n8 audit=1 audit_backlog_limit=8192\n",
+            plan.root().fs_uuid
+        );
+        assert!(cfg.contains(&linux), "{cfg}");
+        assert!(cfg.contains(" ro single console=tty1"), "{cfg}");
+        assert!(cfg.contains("linux /boot/vmlinuz-6.1.0-50-amd64"));
+        assert!(early_cfg(&plan).contains(&plan.root().fs_uuid));
+    }
+
+    #[test]
+    fn kernel_versions_sort_numerically() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("boot")).unwrap();
+        for v in ["6.1.0-9-amd64", "6.1.0-50-amd64", "6.1.0-51-amd64"] {
+            std::fs::write(d.path().join(format!("boot/vmlinuz-{v}")), "").unwrap();
+        }
+        for v in ["6.1.0-9-amd64", "6.1.0-50-amd64"] {
+            std::fs::write(d.path().join(format!("boot/initrd.img-{v}")), "").unwrap();
+        }
+        assert_eq!(kernel_version(d.path()).unwrap(), "6.1.0-50-amd64");
+    }
+
+    #[test]
+    fn carving_moves_subtrees_and_restores_them() {
+        let d = tempfile::tempdir().unwrap();
+        let tree = d.path().join("tree");
+        for dir in ["var/log/audit", "tmp", "home", "boot/efi"] {
+            std::fs::create_dir_all(tree.join(dir)).unwrap();
+        }
+        std::fs::set_permissions(tree.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::write(tree.join("var/log/audit/a.log"), "a").unwrap();
+        std::fs::write(tree.join("var/log/syslog"), "s").unwrap();
+        std::fs::write(tree.join("var/x"), "x").unwrap();
+        let staged = d.path().join("parts");
+        std::fs::create_dir(&staged).unwrap();
+        let plan = plan(&profile());
+        let carved = carve(&tree, &staged, &plan).unwrap();
+        assert!(staged.join("audit/a.log").exists());
+        assert!(staged.join("var-log/syslog").exists());
+        assert!(staged.join("var-log/audit").is_dir());
+        assert!(!staged.join("var-log/audit/a.log").exists());
+        assert!(staged.join("var/x").exists());
+        assert_eq!(std::fs::read_dir(tree.join("var")).unwrap().count(), 0);
+        assert_eq!(tree.join("tmp").metadata().unwrap().mode() & 0o7777, 0o1777);
+        uncarve(&tree, carved).unwrap();
+        assert!(tree.join("var/log/audit/a.log").exists());
+        assert!(tree.join("var/log/syslog").exists());
+        assert!(tree.join("var/x").exists());
+        assert_eq!(tree.join("tmp").metadata().unwrap().mode() & 0o7777, 0o1777);
+    }
+}

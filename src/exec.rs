@@ -106,6 +106,14 @@ impl Cmd {
         self
     }
 
+    /// Several variables at once.
+    pub fn envs(mut self, pairs: &[(&str, &str)]) -> Self {
+        for (k, v) in pairs {
+            self.env.push((k.into(), v.into()));
+        }
+        self
+    }
+
     /// Start from an empty environment (plus what [`Cmd::env`] adds).
     pub fn clear_env(mut self) -> Self {
         self.clear_env = true;
@@ -125,6 +133,10 @@ impl Cmd {
 
     pub fn program(&self) -> &OsStr {
         &self.program
+    }
+
+    pub fn arguments(&self) -> &[OsString] {
+        &self.args
     }
 
     /// The command line, shell-quoted, as it is logged.

@@ -6,6 +6,7 @@
 
 pub mod assets;
 pub mod bootstrap;
+pub mod cache;
 pub mod chroot;
 pub mod cli;
 pub mod config;

@@ -1,1 +1,361 @@
-//! osimage
+//! From a bootstrapped tree to the hardened image tree: apply the stages in
+//! order, install stemforge itself (scanner, verification agent, catalog),
+//! record what was built, and remove every host leftover and secret.
+
+use crate::chroot::Chroot;
+use crate::fsutil;
+use crate::profile::Profile;
+use crate::progress;
+use crate::scan::kinds::package::{DPKG_STATUS, installed};
+use crate::scan::kinds::service::{UnitState, offline_state, unit_name};
+use crate::scan::target::Target;
+use crate::scan::users::Users;
+use crate::scan::{IMAGE_INFO, ImageInfo};
+use crate::stage::Stage;
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// Where stemforge lives in the image.
+pub const AGENT_BINARY: &str = "/usr/lib/stemforge/stemforge";
+pub const AGENT_CATALOG: &str = "/usr/share/stemforge/stages";
+
+/// What applying the stages changed that later steps care about.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub stages: Vec<String>,
+    /// modprobe.d or initramfs configuration changed: rebuild the initramfs.
+    pub initramfs_dirty: bool,
+}
+
+/// Apply `stages` (already filtered for the profile) to the tree.
+pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
+    let root = chroot.root().to_path_buf();
+    chroot.deny_service_starts()?;
+    let mut applied = Applied::default();
+
+    // Packages: bootstrap installed every `install`; purge what must go.
+    let status = std::fs::read_to_string(root.join(DPKG_STATUS.trim_start_matches('/')))
+        .context("reading the dpkg status of the tree")?;
+    let have = installed(&status);
+    let missing: Vec<&String> = stages
+        .iter()
+        .flat_map(|s| s.packages.install.iter())
+        .filter(|p| !have.contains(*p))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !missing.is_empty() {
+        progress::activity("apt-get install");
+        let mut argv = vec!["apt-get", "install", "-y", "--no-install-recommends"];
+        argv.extend(missing.iter().map(|s| s.as_str()));
+        chroot.run(&argv).context("installing stage packages")?;
+    }
+    let purge: Vec<&String> = stages
+        .iter()
+        .flat_map(|s| s.packages.purge.iter())
+        .filter(|p| have.contains(*p))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !purge.is_empty() {
+        progress::activity("apt-get purge");
+        let mut argv = vec!["apt-get", "purge", "-y"];
+        argv.extend(purge.iter().map(|s| s.as_str()));
+        chroot.run(&argv).context("purging packages the stages forbid")?;
+    }
+
+    for stage in stages {
+        progress::activity(&format!("stage {}", stage.dir_name));
+        progress::detail(&format!("applying stage {}", stage.dir_name));
+        let users = Users::load(&Target::root(&root)?).context("reading the tree's users")?;
+        apply_one(chroot, stage, &users, &mut applied)
+            .with_context(|| format!("stage {} ({})", stage.dir_name, stage.source.display()))?;
+        applied.stages.push(stage.dir_name.clone());
+    }
+    Ok(applied)
+}
+
+fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applied) -> Result<()> {
+    let root = chroot.root();
+    let t = Target::root(root)?;
+    for f in &stage.files {
+        let bytes: Vec<u8> = match (&f.source, &f.content) {
+            (Some(src), _) => stage.assets.get(src).cloned().unwrap_or_default(),
+            (None, Some(c)) => c.as_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        };
+        let dest = t.resolve_with(&f.path, false)?;
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        if dest.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+            std::fs::remove_file(&dest).with_context(|| format!("replacing symlink {}", f.path))?;
+        }
+        std::fs::write(&dest, &bytes).with_context(|| format!("writing {}", f.path))?;
+        set_owner_mode(&dest, &f.path, Some(f.mode), Some(&f.owner), Some(&f.group), users)?;
+        if f.path.starts_with("/etc/modprobe.d/") || f.path.starts_with("/etc/initramfs-tools/") {
+            applied.initramfs_dirty = true;
+        }
+    }
+    for p in &stage.permissions {
+        let matches = t.glob(&p.path)?;
+        if matches.is_empty() && !p.path.contains(['*', '?']) {
+            bail!("permissions: {} does not exist", p.path);
+        }
+        for m in matches {
+            let host = t.resolve_with(&m, false)?;
+            if host.symlink_metadata()?.file_type().is_symlink() {
+                continue;
+            }
+            set_owner_mode(&host, &m, p.mode, p.owner.as_deref(), p.group.as_deref(), users)?;
+        }
+    }
+    if !stage.sysctl.is_empty() {
+        let mut text = format!("# stemforge: stages/{}\n", stage.dir_name);
+        for (k, v) in &stage.sysctl {
+            text.push_str(&format!("{k} = {v}\n"));
+        }
+        write_config(&t, &format!("/etc/sysctl.d/60-stemforge-{}.conf", stage.name), &text)?;
+    }
+    if !stage.kernel_modules.disable.is_empty() {
+        let mut text = format!(
+            "# stemforge: stages/{}. `install ... /bin/false` refuses even explicit loads;\n# `blacklist` stops loading by alias.\n",
+            stage.dir_name
+        );
+        for m in &stage.kernel_modules.disable {
+            text.push_str(&format!("install {m} /bin/false\nblacklist {m}\n"));
+        }
+        write_config(&t, &format!("/etc/modprobe.d/stemforge-{}.conf", stage.name), &text)?;
+        applied.initramfs_dirty = true;
+    }
+    let s = &stage.services;
+    if !s.enable.is_empty() {
+        let mut argv = vec!["systemctl", "enable"];
+        argv.extend(s.enable.iter().map(|u| u.as_str()));
+        chroot.run(&argv).context("enabling services")?;
+    }
+    // Disabling an absent unit is already done.
+    let present: Vec<&String> = s
+        .disable
+        .iter()
+        .filter(|u| !matches!(offline_state(&t, &unit_name(u)), Ok(UnitState::Absent)))
+        .collect();
+    if !present.is_empty() {
+        let mut argv = vec!["systemctl", "disable"];
+        argv.extend(present.iter().map(|u| u.as_str()));
+        chroot.run(&argv).context("disabling services")?;
+    }
+    if !s.mask.is_empty() {
+        let mut argv = vec!["systemctl", "mask"];
+        argv.extend(s.mask.iter().map(|u| u.as_str()));
+        chroot.run(&argv).context("masking services")?;
+    }
+    if let Some((name, body)) = &stage.script {
+        chroot.run_script(&format!("stages/{}/{name}", stage.dir_name), body)?;
+    }
+    Ok(())
+}
+
+fn write_config(t: &Target, path: &str, text: &str) -> Result<()> {
+    let dest = t.resolve_with(path, false)?;
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(&dest, text).with_context(|| format!("writing {path}"))?;
+    std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644))
+        .with_context(|| format!("chmod {path}"))
+}
+
+fn set_owner_mode(
+    host: &Path,
+    shown: &str,
+    mode: Option<u32>,
+    owner: Option<&str>,
+    group: Option<&str>,
+    users: &Users,
+) -> Result<()> {
+    if owner.is_some() || group.is_some() {
+        let md = host.metadata().with_context(|| format!("stat {shown}"))?;
+        use std::os::unix::fs::MetadataExt;
+        let uid = match owner {
+            Some(o) => users
+                .uid_of(o)
+                .with_context(|| format!("{shown}: user {o} does not exist in the image"))?,
+            None => md.uid(),
+        };
+        let gid = match group {
+            Some(g) => users
+                .gid_of(g)
+                .with_context(|| format!("{shown}: group {g} does not exist in the image"))?,
+            None => md.gid(),
+        };
+        fsutil::lchown(host, uid, gid)?;
+    }
+    if let Some(m) = mode {
+        std::fs::set_permissions(host, std::fs::Permissions::from_mode(m))
+            .with_context(|| format!("chmod {m:o} {shown}"))?;
+    }
+    Ok(())
+}
+
+/// Files of the verification agent, as (path, mode, content).
+pub type AgentFile = (&'static str, u32, String);
+
+/// Install stemforge into the image: the binary (for live scans and the
+/// verification agent), the catalog it was built with, the agent's unit
+/// and udev rule, and the image record.
+pub fn install_stemforge(
+    root: &Path,
+    binary: &Path,
+    catalog_dir: Option<&Path>,
+    agent_files: &[AgentFile],
+    info: &ImageInfo,
+) -> Result<()> {
+    let t = Target::root(root)?;
+    let bin = t.resolve_with(AGENT_BINARY, false)?;
+    std::fs::create_dir_all(bin.parent().expect("has a parent"))?;
+    std::fs::copy(binary, &bin)
+        .with_context(|| format!("copying {} into the image", binary.display()))?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    let link = t.resolve_with("/usr/sbin/stemforge", false)?;
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("../lib/stemforge/stemforge", &link)
+        .context("linking /usr/sbin/stemforge")?;
+    let cat = t.resolve_with(AGENT_CATALOG, false)?;
+    fsutil::remove_tree(&cat)?;
+    std::fs::create_dir_all(&cat).with_context(|| format!("creating {AGENT_CATALOG}"))?;
+    match catalog_dir {
+        Some(dir) => copy_stage_files(dir, &cat)?,
+        None => crate::assets::STAGES
+            .extract(&cat)
+            .with_context(|| format!("writing the catalog to {AGENT_CATALOG}"))?,
+    }
+    for (path, mode, content) in agent_files {
+        let dest = t.resolve_with(path, false)?;
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&dest, content).with_context(|| format!("writing {path}"))?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(*mode))?;
+    }
+    let rec = t.resolve_with(IMAGE_INFO, false)?;
+    std::fs::create_dir_all(rec.parent().expect("has a parent"))?;
+    std::fs::write(&rec, serde_json::to_vec_pretty(info)?).with_context(|| format!("writing {IMAGE_INFO}"))?;
+    Ok(())
+}
+
+fn copy_stage_files(src: &Path, dst: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
+        let p = entry?.path();
+        let to = dst.join(p.file_name().expect("entries have names"));
+        if p.is_dir() {
+            std::fs::create_dir_all(&to)?;
+            copy_stage_files(&p, &to)?;
+        } else {
+            std::fs::copy(&p, &to).with_context(|| format!("copying {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The image record for a profile.
+pub fn image_info(p: &Profile, stages: &[String]) -> ImageInfo {
+    ImageInfo {
+        profile: p.name.clone(),
+        distro: p.os.distro.clone(),
+        codename: p.os.codename.clone(),
+        version: p.os.version.clone(),
+        roles: p.roles.clone(),
+        stages: stages.to_vec(),
+        stemforge_version: crate::VERSION.to_string(),
+        built: crate::scan::report::now_rfc3339(),
+    }
+}
+
+/// Remove everything that must not ship: service-start policy, SSH host
+/// keys, machine identity, the build host's hostname and resolver, apt
+/// lists and caches, logs and temporary files. Rebuild the initramfs when
+/// stages changed what it carries.
+pub fn finalize(chroot: &Chroot, rebuild_initramfs: bool) -> Result<()> {
+    let root = chroot.root().to_path_buf();
+    let t = Target::root(&root)?;
+    if rebuild_initramfs {
+        progress::activity("update-initramfs");
+        chroot
+            .run(&["update-initramfs", "-u", "-k", "all"])
+            .context("rebuilding the initramfs")?;
+    }
+    progress::activity("apt-get clean");
+    chroot.run(&["apt-get", "clean"]).context("cleaning the apt cache")?;
+    chroot.allow_service_starts()?;
+
+    let host = |p: &str| -> Result<PathBuf> { Ok(t.resolve_with(p, false)?) };
+    for key in t.glob("/etc/ssh/ssh_host_*")? {
+        std::fs::remove_file(host(&key)?).with_context(|| format!("removing {key}"))?;
+    }
+    for list in t.glob("/var/lib/apt/lists/*_*")? {
+        std::fs::remove_file(host(&list)?).with_context(|| format!("removing {list}"))?;
+    }
+    for old in t.glob("/var/cache/debconf/*-old")? {
+        std::fs::remove_file(host(&old)?).with_context(|| format!("removing {old}"))?;
+    }
+    // An empty machine-id: systemd makes one at first boot.
+    std::fs::write(host("/etc/machine-id")?, b"").context("emptying /etc/machine-id")?;
+    let dbus_id = host("/var/lib/dbus/machine-id")?;
+    if dbus_id.symlink_metadata().is_ok() {
+        std::fs::remove_file(&dbus_id).context("removing /var/lib/dbus/machine-id")?;
+        std::os::unix::fs::symlink("/etc/machine-id", &dbus_id).context("linking /var/lib/dbus/machine-id")?;
+    }
+    let seed = host("/var/lib/systemd/random-seed")?;
+    if seed.exists() {
+        std::fs::remove_file(&seed).context("removing the random seed")?;
+    }
+    std::fs::write(host("/etc/hostname")?, b"localhost\n").context("writing /etc/hostname")?;
+    std::fs::write(
+        host("/etc/hosts")?,
+        "127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\nff02::1\t\tip6-allnodes\nff02::2\t\tip6-allrouters\n",
+    )
+    .context("writing /etc/hosts")?;
+    let resolv = host("/etc/resolv.conf")?;
+    if resolv.symlink_metadata().is_ok() {
+        std::fs::remove_file(&resolv).context("removing the build host's /etc/resolv.conf")?;
+    }
+    if t.exists("/lib/systemd/system/systemd-resolved.service") {
+        std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", &resolv)
+            .context("linking /etc/resolv.conf to systemd-resolved")?;
+    }
+    // Logs of the build: keep the files (their modes and owners matter),
+    // drop their contents.
+    truncate_files(&host("/var/log")?)?;
+    for dir in ["/tmp", "/var/tmp"] {
+        let d = host(dir)?;
+        for entry in std::fs::read_dir(&d).with_context(|| format!("reading {dir}"))? {
+            let p = entry?.path();
+            if p.is_dir() && !p.is_symlink() {
+                fsutil::remove_tree(&p)?;
+            } else {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn truncate_files(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = entry?.path();
+        let md = p.symlink_metadata()?;
+        if md.is_dir() {
+            truncate_files(&p)?;
+        } else if md.is_file() && md.len() > 0 {
+            std::fs::File::options()
+                .write(true)
+                .open(&p)
+                .and_then(|f| f.set_len(0))
+                .with_context(|| format!("truncating {}", p.display()))?;
+        }
+    }
+    Ok(())
+}

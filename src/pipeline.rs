@@ -1,1 +1,571 @@
-//! pipeline
+//! `stemforge build`: plan → preflight → bootstrap → stages → disk → scan →
+//! formats → verify, each a named, timed step.
+
+use crate::bootstrap::{self, BootstrapSpec};
+use crate::cache::{Cache, Hit, Lock};
+use crate::chroot::Chroot;
+use crate::config::{ConfigError, format_size, locate};
+use crate::disk::{self, DiskPlan};
+use crate::exec;
+use crate::formats::{self, Artifact, Format};
+use crate::fsutil;
+use crate::osimage;
+use crate::profile::{self, Profile, ProfileSource};
+use crate::progress::{self, Steps};
+use crate::scan::{self, Report, ScanContext, Selection, target::Target};
+use crate::stage::{Catalog, StageSource};
+use crate::verify::{self, Accel, Verdict, VerifyOptions};
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub profile: String,
+    pub profiles: ProfileSource,
+    pub stages: StageSource,
+    pub mirror: Option<String>,
+    pub out_dir: PathBuf,
+    pub name: Option<String>,
+    pub formats: Vec<Format>,
+    pub verify: bool,
+    pub dry_run: bool,
+    pub cache_dir: PathBuf,
+    pub keep_work: bool,
+    pub firmware: Option<String>,
+    pub accel: Accel,
+    pub timeout: Option<u64>,
+    pub vm_def: Option<PathBuf>,
+    pub agent_binary: Option<PathBuf>,
+}
+
+/// Everything decided before any work starts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    pub name: String,
+    pub profile: Profile,
+    #[serde(skip)]
+    pub catalog: Catalog,
+    pub stages: Vec<String>,
+    pub skipped_stages: Vec<(String, String)>,
+    pub controls: usize,
+    pub bootstrap: BootstrapSpec,
+    pub disk: DiskPlan,
+    pub formats: Vec<Format>,
+    pub verify: bool,
+    pub out_dir: PathBuf,
+    pub outputs: Vec<PathBuf>,
+    pub agent_binary: PathBuf,
+    pub agent_static: Option<bool>,
+}
+
+/// Load and check everything; touch nothing. Errors here are the user's
+/// input ([`ConfigError`]).
+pub fn plan(o: &BuildOptions) -> Result<Plan> {
+    let profile = profile::load(&o.profile, &o.profiles)?;
+    let catalog = Catalog::load(&o.stages)?;
+    let known = catalog.known_roles();
+    for r in &profile.roles {
+        if !known.contains(r) {
+            let file = profile.sources[0].clone();
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let line = locate(&text, r"^roles:", 1);
+            let known_list = if known.is_empty() {
+                "none yet".to_string()
+            } else {
+                known.iter().cloned().collect::<Vec<_>>().join(", ")
+            };
+            return Err(ConfigError::new(file, format!("unknown role `{r}` (stages know: {known_list})"))
+                .with_line(line)
+                .with_key("roles")
+                .into());
+        }
+    }
+    let name = o.name.clone().unwrap_or_else(|| profile.name.clone());
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        return Err(ConfigError::new("--name", format!("`{name}`: use letters, digits, '.', '_' and '-'")).into());
+    }
+    let applicable = catalog.applicable(&profile.os.distro, &profile.os.codename, &profile.roles);
+    let stages: Vec<String> = applicable.iter().map(|s| s.dir_name.clone()).collect();
+    let skipped_stages = catalog
+        .stages
+        .iter()
+        .filter(|s| !stages.contains(&s.dir_name))
+        .map(|s| (s.dir_name.clone(), s.when.describe()))
+        .collect();
+    let controls = applicable.iter().map(|s| s.controls.len()).sum();
+    let stage_packages: Vec<String> = applicable
+        .iter()
+        .flat_map(|s| s.packages.install.iter().cloned())
+        .collect();
+    let packages = profile.package_set(&stage_packages);
+    let spec = BootstrapSpec::new(&profile, o.mirror.as_deref(), packages);
+    let disk = disk::plan(&profile);
+    let mut formats = o.formats.clone();
+    formats.sort();
+    formats.dedup();
+    if o.verify && formats.is_empty() {
+        formats.push(Format::Raw);
+    }
+    let mut outputs: Vec<PathBuf> = formats
+        .iter()
+        .map(|f| o.out_dir.join(format!("{name}.{}", f.extension())))
+        .collect();
+    for suffix in ["offline-scan.json", "steps.json", "build.log"] {
+        outputs.push(o.out_dir.join(format!("{name}.{suffix}")));
+    }
+    if o.verify {
+        for suffix in ["console.log", "scan.json", "verify.json"] {
+            outputs.push(o.out_dir.join(format!("{name}.{suffix}")));
+        }
+    }
+    let agent_binary = match &o.agent_binary {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("locating the stemforge binary")?,
+    };
+    let agent_static = is_static_elf(&agent_binary);
+    Ok(Plan {
+        name,
+        profile,
+        catalog,
+        stages,
+        skipped_stages,
+        controls,
+        bootstrap: spec,
+        disk,
+        formats,
+        verify: o.verify,
+        out_dir: o.out_dir.clone(),
+        outputs,
+        agent_binary,
+        agent_static,
+    })
+}
+
+impl Plan {
+    /// The plan as `--dry-run` prints it.
+    pub fn render(&self) -> String {
+        let p = &self.profile;
+        let b = &self.bootstrap;
+        let mut s = format!(
+            "Build plan for {} ({})\n\nprofile     {} ({})\nOS          {} {} ({})\nvariant     {}\nkeyring     {}\nsources\n",
+            self.name,
+            p.description,
+            p.name,
+            p.sources.iter().map(|s| s.display().to_string()).collect::<Vec<_>>().join(" <- "),
+            p.os.distro,
+            p.os.version,
+            p.os.codename,
+            b.variant,
+            b.keyring,
+        );
+        for src in &b.sources {
+            s.push_str(&format!("  {}\n", src.deb_line(&b.keyring)));
+        }
+        s.push_str(&format!("kernel      {}\npackages    {} in one apt run:\n", p.kernel, b.packages.len()));
+        s.push_str(&wrap(&b.packages.join(" "), 76, "  "));
+        s.push_str(&format!(
+            "roles       {}\nstages      {} applied, {} controls\n",
+            if p.roles.is_empty() { "none".to_string() } else { p.roles.join(", ") },
+            self.stages.len(),
+            self.controls
+        ));
+        for st in &self.stages {
+            s.push_str(&format!("  {st}\n"));
+        }
+        for (st, when) in &self.skipped_stages {
+            s.push_str(&format!("  {st} (skipped: applies to {when})\n"));
+        }
+        s.push_str(&format!("disk        {}", self.disk.describe()));
+        s.push_str(&format!(
+            "boot        UEFI, GRUB from the image's modules; cmdline: {}\n",
+            p.boot.cmdline.join(" ")
+        ));
+        s.push_str(&format!(
+            "formats     {}\nverify      {}\nscanner     {}{}\noutputs\n",
+            self.formats.iter().map(|f| f.extension()).collect::<Vec<_>>().join(", "),
+            if self.verify { "boot under QEMU + OVMF and scan inside" } else { "no (--no-verify)" },
+            self.agent_binary.display(),
+            match self.agent_static {
+                Some(true) => " (static)",
+                Some(false) => " (dynamic: the image must have this host's glibc or newer; `make build` makes a static one)",
+                None => "",
+            }
+        ));
+        for o in &self.outputs {
+            s.push_str(&format!("  {}\n", o.display()));
+        }
+        s
+    }
+}
+
+fn wrap(text: &str, width: usize, indent: &str) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for w in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + w.len() > width {
+            out.push_str(&format!("{indent}{line}\n"));
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(w);
+    }
+    if !line.is_empty() {
+        out.push_str(&format!("{indent}{line}\n"));
+    }
+    out
+}
+
+/// Whether an ELF file is statically linked (no PT_INTERP).
+pub fn is_static_elf(path: &Path) -> Option<bool> {
+    let b = std::fs::read(path).ok()?;
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return None;
+    }
+    let u16at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().ok()?) as usize;
+    let (phentsize, phnum) = (u16at(0x36), u16at(0x38));
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        let t = u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?);
+        if t == 3 {
+            return Some(false);
+        }
+    }
+    Some(true)
+}
+
+/// A failed preflight: every problem found, each with what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("preflight failed:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct PreflightError(pub Vec<String>);
+
+/// Check, in seconds, everything a long build would otherwise find out
+/// late: root, host tools, disk space, firmware, the mirrors. Returns the
+/// mirrors' Release files (they key the bootstrap cache).
+pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
+    let mut problems = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        problems.push("not running as root: building needs root (chroot, file ownership in the image); run it with sudo".to_string());
+    }
+    let mut tools = vec![
+        ("mmdebstrap", "mmdebstrap"),
+        ("unshare", "util-linux"),
+        ("chroot", "coreutils"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("debugfs", "e2fsprogs"),
+        ("qemu-img", "qemu-utils"),
+    ];
+    if plan.verify {
+        tools.push(("qemu-system-x86_64", "qemu-system-x86"));
+    }
+    for (tool, pkg) in tools {
+        if exec::which(tool).is_none() {
+            problems.push(format!("{tool} not found: apt-get install {pkg} (`make deps` installs everything)"));
+        }
+    }
+    if !Path::new(&plan.bootstrap.keyring).is_file() {
+        let pkg = if plan.profile.os.distro == "ubuntu" { "ubuntu-keyring" } else { "debian-archive-keyring" };
+        problems.push(format!("keyring {} not found: apt-get install {pkg}", plan.bootstrap.keyring));
+    }
+    let need_out: u64 = 6 << 30;
+    match fsutil::free_space(&o.out_dir) {
+        Ok(free) if free < need_out => problems.push(format!(
+            "{} has {} free; a build needs about {}",
+            o.out_dir.display(),
+            format_size(free),
+            format_size(need_out)
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    match fsutil::free_space(&o.cache_dir) {
+        Ok(free) if free < (2 << 30) => problems.push(format!(
+            "cache {} has {} free; a bootstrapped tree needs about 2GiB (--cache-dir elsewhere?)",
+            o.cache_dir.display(),
+            format_size(free)
+        )),
+        Ok(_) => {}
+        Err(e) => problems.push(format!("{e:#}")),
+    }
+    if plan.agent_static == Some(false) {
+        progress::warn("the scanner placed in the image is dynamically linked; it runs only where the image's glibc is at least the build host's");
+    }
+    // The mirrors, all at once.
+    let handles: Vec<_> = plan
+        .bootstrap
+        .sources
+        .iter()
+        .cloned()
+        .map(|s| std::thread::spawn(move || bootstrap::fetch_release(&s)))
+        .collect();
+    let mut releases = Vec::new();
+    for h in handles {
+        match h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("mirror check panicked"))) {
+            Ok(r) => releases.push(r),
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(PreflightError(problems).into());
+    }
+    Ok(releases)
+}
+
+/// What a build produced.
+#[derive(Debug)]
+pub struct Built {
+    pub artifacts: Vec<Artifact>,
+    pub offline: Report,
+    pub verdict: Option<Verdict>,
+    pub steps: Steps,
+    pub plan: Plan,
+}
+
+impl Built {
+    pub fn passed(&self) -> bool {
+        self.offline.passed() && self.verdict.as_ref().map(|v| v.passed).unwrap_or(true)
+    }
+}
+
+/// Run the whole build. `Ok(None)` for a dry run (the plan is printed).
+pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
+    let mut steps = Steps::new();
+    let plan = steps.run("plan", |_| plan(o))?;
+    if o.dry_run {
+        print!("{}", plan.render());
+        return Ok(None);
+    }
+    let releases = steps.run("preflight", |_| preflight(o, &plan))?;
+
+    std::fs::create_dir_all(&o.out_dir).with_context(|| format!("creating {}", o.out_dir.display()))?;
+    let work_base = o.out_dir.join(".work");
+    let _lock = Lock::acquire(&work_base.join(format!("{}.lock", plan.name)))?;
+    let work = work_base.join(&plan.name);
+    // A killed build's tree: nothing is mounted in it (mounts live in
+    // namespaces that died with it), so it can go.
+    fsutil::remove_tree(&work)?;
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let log = o.out_dir.join(format!("{}.build.log", plan.name));
+    let _ = std::fs::remove_file(&log);
+    progress::set_log_file(&log)?;
+    progress::detail(&plan.render());
+
+    let result = run_steps(o, &plan, &releases, &work, &mut steps);
+    let summary = steps.summary_table();
+    progress::info(&format!("\n{summary}"));
+    let steps_json = serde_json::to_string_pretty(&steps.to_json())?;
+    fsutil::write_atomic(&o.out_dir.join(format!("{}.steps.json", plan.name)), steps_json.as_bytes())?;
+    progress::close_log_file();
+    if result.is_ok() || !o.keep_work {
+        if o.keep_work {
+            progress::info(&format!("work tree kept at {}", work.display()));
+        } else {
+            fsutil::remove_tree(&work)?;
+        }
+    }
+    let (artifacts, offline, verdict) = result?;
+    Ok(Some(Built {
+        artifacts,
+        offline,
+        verdict,
+        steps,
+        plan,
+    }))
+}
+
+type StepsOutcome = (Vec<Artifact>, Report, Option<Verdict>);
+
+fn run_steps(o: &BuildOptions, plan: &Plan, releases: &[Vec<u8>], work: &Path, steps: &mut Steps) -> Result<StepsOutcome> {
+    let cache = Cache::new(&o.cache_dir);
+    let tree = work.join("rootfs");
+    let base = steps.run("bootstrap", |s| {
+        let (base, hit) = bootstrap::bootstrap(&cache, &plan.bootstrap, releases)?;
+        s.note(match hit {
+            Hit::Hit => "cache hit",
+            Hit::Miss => "cache miss",
+        });
+        Ok(base)
+    })?;
+    let chroot = steps.run("stages", |s| {
+        progress::activity("copying the bootstrapped tree");
+        fsutil::copy_tree(&base, &tree)?;
+        let chroot = Chroot::new(&tree)?;
+        let stages: Vec<&crate::stage::Stage> = plan
+            .catalog
+            .stages
+            .iter()
+            .filter(|st| plan.stages.contains(&st.dir_name))
+            .collect();
+        let applied = osimage::apply_stages(&chroot, &stages)?;
+        let info = osimage::image_info(&plan.profile, &applied.stages);
+        let catalog_dir = match &o.stages {
+            StageSource::Dir(d) => Some(d.as_path()),
+            StageSource::Embedded => None,
+        };
+        osimage::install_stemforge(&tree, &plan.agent_binary, catalog_dir, &verify::agent_files(), &info)?;
+        osimage::finalize(&chroot, applied.initramfs_dirty)?;
+        s.note(format!("{} stages", applied.stages.len()));
+        Ok(chroot)
+    })?;
+    let raw = o.out_dir.join(format!("{}.raw", plan.name));
+    let raw_partial = fsutil::partial_path(&raw);
+    steps.run("disk", |s| {
+        let r = disk::assemble(&chroot, &plan.profile, &plan.disk, work, &raw_partial)?;
+        s.note(format!("kernel {}", r.kernel));
+        Ok(())
+    })?;
+    let offline = steps.run("scan", |s| {
+        let target = Target::root(&tree)?;
+        let ctx = ScanContext::detect(&target, None);
+        let report = scan::run(&plan.catalog, &target, &ctx, &Selection::default());
+        fsutil::write_atomic(
+            &o.out_dir.join(format!("{}.offline-scan.json", plan.name)),
+            scan::report::render_json(&report).as_bytes(),
+        )?;
+        s.note(format!(
+            "{} pass, {} fail, {} n/a",
+            report.summary.pass, report.summary.fail, report.summary.not_applicable
+        ));
+        Ok(report)
+    })?;
+    if !offline.passed() {
+        let _ = std::fs::remove_file(&raw_partial);
+        let failing: Vec<String> = offline
+            .results
+            .iter()
+            .filter(|r| matches!(r.status, scan::outcome::Status::Fail | scan::outcome::Status::Error))
+            .map(|r| format!("  {} {}: {}", r.status.as_str().to_uppercase(), r.id, r.evidence.join("; ")))
+            .collect();
+        progress::info(&format!(
+            "the image fails {} of its own controls (report: {}):\n{}",
+            failing.len(),
+            o.out_dir.join(format!("{}.offline-scan.json", plan.name)).display(),
+            failing.join("\n")
+        ));
+        return Ok((Vec::new(), offline, None));
+    }
+    let mut artifacts = Vec::new();
+    steps.run("raw", |s| {
+        fsutil::commit(&raw_partial, &raw)?;
+        let a = Artifact::of(Format::Raw, &raw)?;
+        s.note(format!("{} virtual, {} on disk", format_size(a.size), format_size(a.disk_usage)));
+        if plan.formats.contains(&Format::Raw) {
+            artifacts.push(a);
+        }
+        Ok(())
+    })?;
+    if plan.formats.contains(&Format::Qcow2) {
+        let a = steps.run("qcow2", |s| {
+            let a = formats::qcow2(&raw, &o.out_dir.join(format!("{}.qcow2", plan.name)))?;
+            s.note(format_size(a.size));
+            Ok(a)
+        })?;
+        artifacts.push(a);
+    }
+    let verdict = if o.verify {
+        let image = artifacts
+            .iter()
+            .find(|a| a.format == Format::Qcow2)
+            .map(|a| a.path.clone())
+            .unwrap_or_else(|| raw.clone());
+        let v = steps.run("verify", |s| {
+            let v = verify::verify(&VerifyOptions {
+                image,
+                out_dir: o.out_dir.clone(),
+                name: plan.name.clone(),
+                firmware: o.firmware.clone(),
+                accel: o.accel,
+                timeout: o.timeout,
+                vm_def: o.vm_def.clone(),
+                cache_dir: o.cache_dir.clone(),
+            })?;
+            s.note(if v.passed { "passed" } else { "FAILED" });
+            if let Some(b) = v.boot_seconds {
+                s.note(format!("booted in {b:.0} s"));
+            }
+            Ok(v)
+        })?;
+        Some(v)
+    } else {
+        steps.skip("verify", "--no-verify");
+        None
+    };
+    if !plan.formats.contains(&Format::Raw) {
+        std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
+    }
+    Ok((artifacts, offline, verdict))
+}
+
+/// Refuse an output directory that is a file, before anything is written.
+pub fn check_out_dir(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--out {} exists and is not a directory", dir.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(profile: &str) -> BuildOptions {
+        BuildOptions {
+            profile: profile.into(),
+            profiles: ProfileSource::Embedded,
+            stages: StageSource::Embedded,
+            mirror: None,
+            out_dir: "out".into(),
+            name: None,
+            formats: vec![Format::Raw, Format::Qcow2],
+            verify: true,
+            dry_run: true,
+            cache_dir: "/var/cache/stemforge".into(),
+            keep_work: false,
+            firmware: None,
+            accel: Accel::Auto,
+            timeout: None,
+            vm_def: None,
+            agent_binary: None,
+        }
+    }
+
+    #[test]
+    fn every_profile_plans_without_network() {
+        for name in ProfileSource::Embedded.names().unwrap() {
+            let p = plan(&opts(&name)).unwrap();
+            let text = p.render();
+            assert!(text.contains(&p.profile.kernel), "{text}");
+            assert!(text.contains("/boot/efi"), "{text}");
+            assert!(p.bootstrap.packages.contains(&"openssh-server".to_string()));
+            assert!(p.bootstrap.packages.contains(&"auditd".to_string()));
+            assert!(p.controls >= 40);
+            assert!(p.outputs.iter().any(|o| o.ends_with(format!("{name}.qcow2"))));
+        }
+    }
+
+    #[test]
+    fn mirror_override_reaches_the_sources() {
+        let mut o = opts("ubuntu-noble");
+        o.mirror = Some("http://mirror.internal/ubuntu".into());
+        let p = plan(&o).unwrap();
+        assert_eq!(p.bootstrap.sources[0].mirror, "http://mirror.internal/ubuntu");
+        assert!(p.render().contains("http://mirror.internal/ubuntu noble-updates main universe"));
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        let mut o = opts("debian-bookworm");
+        o.name = Some("../x".into());
+        assert!(plan(&o).is_err());
+    }
+
+    #[test]
+    fn static_elf_detection() {
+        assert_eq!(is_static_elf(Path::new("/bin/sh")), Some(false));
+        assert_eq!(is_static_elf(Path::new("/etc/passwd")), None);
+    }
+}

@@ -24,6 +24,7 @@ pub struct Stage {
     pub when: When,
     pub packages: Packages,
     pub files: Vec<FileAction>,
+    pub permissions: Vec<Permission>,
     pub sysctl: Vec<(String, String)>,
     pub services: Services,
     pub kernel_modules: KernelModules,
@@ -108,6 +109,25 @@ pub struct FileAction {
     pub group: String,
 }
 
+/// A mode/owner change on paths the packages installed (`*` allowed; a
+/// pattern that matches nothing is fine, a plain path must exist).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Permission {
+    pub path: String,
+    #[serde(default, deserialize_with = "mode_opt")]
+    pub mode: Option<u32>,
+    pub owner: Option<String>,
+    pub group: Option<String>,
+}
+
+fn mode_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let s = String::deserialize(d)?;
+    crate::scan::kinds::file::parse_mode(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
@@ -165,6 +185,8 @@ struct StageFile {
     packages: Packages,
     #[serde(default)]
     files: Vec<FileActionFile>,
+    #[serde(default)]
+    permissions: Vec<Permission>,
     #[serde(default)]
     sysctl: serde_yaml::Mapping,
     #[serde(default)]
@@ -432,6 +454,15 @@ fn build_stage(
             group: f.group.clone(),
         });
     }
+    for (i, p) in file.permissions.iter().enumerate() {
+        let at = format!(r"path:\s*{}", regex::escape(&p.path));
+        if !p.path.starts_with('/') {
+            return Err(err(&format!("permissions[{i}].path"), &at, format!("`{}` must be absolute", p.path)));
+        }
+        if p.mode.is_none() && p.owner.is_none() && p.group.is_none() {
+            return Err(err(&format!("permissions[{i}]"), &at, "give `mode`, `owner` or `group`".into()));
+        }
+    }
     let mut sysctl = Vec::new();
     for (k, v) in &file.sysctl {
         let key = k.as_str().unwrap_or_default().to_string();
@@ -527,6 +558,7 @@ fn build_stage(
         when: file.when,
         packages: file.packages,
         files: actions,
+        permissions: file.permissions,
         sysctl,
         services: file.services,
         kernel_modules: file.kernel_modules,

@@ -120,13 +120,25 @@ impl FileCheck {
             },
         };
         let mut f = Findings::new();
+        let mut texts: Vec<(String, String)> = Vec::new();
         for p in &paths {
-            self.eval_one(t, p, &users, &mut f);
+            if let Some(text) = self.eval_attributes(t, p, &users, &mut f) {
+                texts.push((p.clone(), text));
+            }
+        }
+        if self.wants_content() {
+            self.eval_content(&texts, &mut f);
         }
         f.finish()
     }
 
-    fn eval_one(&self, t: &Target, path: &str, users: &Users, f: &mut Findings) {
+    fn wants_content(&self) -> bool {
+        !self.lines.is_empty() || !self.matches.is_empty() || !self.not_matches.is_empty() || self.empty.is_some()
+    }
+
+    /// Mode, owner, group and kind of one path; returns its text when
+    /// the content is to be tested.
+    fn eval_attributes(&self, t: &Target, path: &str, users: &Users, f: &mut Findings) -> Option<String> {
         let md = if self.kind.as_deref() == Some("symlink") {
             t.symlink_metadata(path)
         } else {
@@ -136,7 +148,7 @@ impl FileCheck {
             Ok(m) => m,
             Err(e) => {
                 f.bad(format!("{path}: {e}"));
-                return;
+                return None;
             }
         };
         if let Some(k) = &self.kind {
@@ -180,61 +192,68 @@ impl FileCheck {
                 None => f.bad(format!("{path}: group {group} does not exist in the target")),
             }
         }
-        let wants_content =
-            !self.lines.is_empty() || !self.matches.is_empty() || !self.not_matches.is_empty() || self.empty.is_some();
-        if !wants_content {
+        if !self.wants_content() {
             if self.kind.is_none() && self.mode.is_none() && self.owner.is_none() && self.group.is_none() {
                 f.ok(format!("{path}: exists"));
             }
-            return;
+            return None;
         }
         if md.is_dir() {
             f.bad(format!("{path}: is a directory, not a file"));
-            return;
+            return None;
         }
-        let text = match t.read_to_string(path) {
-            Ok(s) => s,
+        match t.read_to_string(path) {
+            Ok(s) => Some(s),
             Err(e) => {
                 f.err(format!("{path}: {e}"));
-                return;
+                None
             }
+        }
+    }
+
+    /// Content tests over all matched files: a wanted line or pattern must
+    /// appear in one of them, a forbidden one in none, and `empty` holds
+    /// for each.
+    fn eval_content(&self, texts: &[(String, String)], f: &mut Findings) {
+        let find = |pred: &dyn Fn(&str) -> bool| {
+            texts.iter().find_map(|(p, text)| {
+                text.lines()
+                    .enumerate()
+                    .find(|(_, l)| pred(l))
+                    .map(|(i, l)| format!("{p}:{}: {}", i + 1, clip(l)))
+            })
         };
+        let names = texts.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(", ");
         for want in &self.lines {
-            match text.lines().position(|l| l.trim() == want.trim()) {
-                Some(i) => f.ok(format!("{path}:{}: {}", i + 1, want.trim())),
-                None => f.bad(format!("{path}: no line {:?}", want.trim())),
+            match find(&|l: &str| l.trim() == want.trim()) {
+                Some(at) => f.ok(at),
+                None => f.bad(format!("{names}: no line {:?}", want.trim())),
             }
         }
         for re in &self.matches {
             let r = line_regex(re).expect("validated");
-            match text.lines().position(|l| r.is_match(l)) {
-                Some(i) => f.ok(format!("{path}:{}: {}", i + 1, clip(text.lines().nth(i).unwrap_or("")))),
-                None => f.bad(format!("{path}: no line matches /{re}/")),
+            match find(&|l: &str| r.is_match(l)) {
+                Some(at) => f.ok(at),
+                None => f.bad(format!("{names}: no line matches /{re}/")),
             }
         }
         for re in &self.not_matches {
             let r = line_regex(re).expect("validated");
-            match text.lines().position(|l| r.is_match(l)) {
-                Some(i) => f.bad(format!(
-                    "{path}:{}: {} (matches /{re}/)",
-                    i + 1,
-                    clip(text.lines().nth(i).unwrap_or(""))
-                )),
-                None => f.ok(format!("{path}: no line matches /{re}/")),
+            match find(&|l: &str| r.is_match(l)) {
+                Some(at) => f.bad(format!("{at} (matches /{re}/)")),
+                None => f.ok(format!("{names}: no line matches /{re}/")),
             }
         }
         if self.empty == Some(true) {
-            let content: Vec<(usize, &str)> = text
-                .lines()
-                .enumerate()
-                .filter(|(_, l)| {
+            for (p, text) in texts {
+                let content = text.lines().enumerate().find(|(_, l)| {
                     let t = l.trim();
                     !t.is_empty() && !t.starts_with('#')
-                })
-                .collect();
-            match content.first() {
-                None => f.ok(format!("{path}: no content")),
-                Some((i, l)) => f.bad(format!("{path}:{}: {}", i + 1, clip(l))),
+                });
+                match content {
+                    None => f.ok(format!("{p}: no content")),
+                    Some((i, l)) => f.bad(format!("{p}:{}: {}", i + 1, clip(l))),
+                }
             }
         }
     }
