@@ -7,6 +7,7 @@
 use crate::cache::{Cache, Hit};
 use crate::chroot::wrap_in_namespace;
 use crate::exec::{self, Cmd};
+use crate::fsutil;
 use crate::profile::Profile;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -42,7 +43,11 @@ impl Source {
 
     /// Where the signed Release file lives.
     pub fn inrelease_url(&self) -> String {
-        format!("{}/dists/{}/InRelease", self.mirror.trim_end_matches('/'), self.suite)
+        format!(
+            "{}/dists/{}/InRelease",
+            self.mirror.trim_end_matches('/'),
+            self.suite
+        )
     }
 }
 
@@ -59,16 +64,22 @@ pub struct BootstrapSpec {
     pub packages: Vec<String>,
     pub dpkg_path_exclude: Vec<String>,
     pub dpkg_path_include: Vec<String>,
-    /// initramfs-tools configuration written before the kernel installs.
-    pub initramfs_conf: String,
+    /// Files placed before any package installs: (path, content).
+    pub seed: Vec<(String, String)>,
 }
 
 /// initramfs-tools cannot probe the root device while building: say what
 /// it will be.
-pub const INITRAMFS_CONF: &str = "# stemforge: the root file system is ext4 (it cannot be probed while building)\nFSTYPE=ext4\n";
+pub const INITRAMFS_CONF: &str =
+    "# stemforge: the root file system is ext4 (it cannot be probed while building)\nFSTYPE=ext4\n";
 
 impl BootstrapSpec {
-    pub fn new(p: &Profile, mirror: Option<&str>, packages: Vec<String>) -> BootstrapSpec {
+    pub fn new(
+        p: &Profile,
+        mirror: Option<&str>,
+        packages: Vec<String>,
+        seed: Vec<(String, String)>,
+    ) -> BootstrapSpec {
         let sources = p
             .bootstrap
             .suites
@@ -94,7 +105,7 @@ impl BootstrapSpec {
             packages,
             dpkg_path_exclude: p.bootstrap.dpkg_path_exclude.clone(),
             dpkg_path_include: p.bootstrap.dpkg_path_include.clone(),
-            initramfs_conf: INITRAMFS_CONF.into(),
+            seed,
         }
     }
 
@@ -109,9 +120,23 @@ impl BootstrapSpec {
         d.iter().take(16).map(|b| format!("{b:02x}")).collect()
     }
 
-    /// The mmdebstrap command that makes the tree at `target`, in a mount
-    /// namespace of its own.
-    pub fn command(&self, target: &Path) -> Cmd {
+    /// Write the seed files under `dir` (a tree mmdebstrap syncs in).
+    pub fn write_seed(&self, dir: &Path) -> Result<()> {
+        for (path, content) in &self.seed {
+            let dest = dir.join(path.trim_start_matches('/'));
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            std::fs::write(&dest, content)
+                .with_context(|| format!("writing {}", dest.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The mmdebstrap command that makes the tree at `target` (with the
+    /// seed files from `seed_dir`), in a mount namespace of its own.
+    pub fn command(&self, target: &Path, seed_dir: &Path) -> Cmd {
         let mut c = exec::cmd(
             "mmdebstrap",
             [
@@ -132,10 +157,7 @@ impl BootstrapSpec {
         for p in &self.dpkg_path_include {
             c = c.arg(format!("--dpkgopt=path-include={p}"));
         }
-        c = c.arg(format!(
-            "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && printf '%s' {} > \"$1/etc/initramfs-tools/conf.d/stemforge.conf\"",
-            exec::shell_quote(&self.initramfs_conf)
-        ));
+        c = c.arg(format!("--essential-hook=sync-in {} /", seed_dir.display()));
         c = c.arg(&self.codename).arg(target);
         for s in &self.sources {
             c = c.arg(s.deb_line(&self.keyring));
@@ -169,19 +191,34 @@ pub fn fetch_release(source: &Source) -> Result<Vec<u8>> {
         .read_to_end(&mut body)
         .with_context(|| format!("reading {url}"))?;
     if !body.starts_with(b"-----BEGIN PGP SIGNED MESSAGE-----") {
-        bail!("{url} is not a signed Release file; is {} an apt mirror?", source.mirror);
+        bail!(
+            "{url} is not a signed Release file; is {} an apt mirror?",
+            source.mirror
+        );
     }
     Ok(body)
 }
 
 /// A bootstrapped tree in the cache, made if needed.
-pub fn bootstrap(cache: &Cache, spec: &BootstrapSpec, releases: &[Vec<u8>]) -> Result<(PathBuf, Hit)> {
-    let key = format!("{}-{}-{}", spec.distro, spec.codename, spec.cache_key(releases));
+pub fn bootstrap(
+    cache: &Cache,
+    spec: &BootstrapSpec,
+    releases: &[Vec<u8>],
+) -> Result<(PathBuf, Hit)> {
+    let key = format!(
+        "{}-{}-{}",
+        spec.distro,
+        spec.codename,
+        spec.cache_key(releases)
+    );
     let (entry, hit) = cache.get_or_make("bootstrap", &key, |dir| {
         let tree = dir.join("rootfs");
-        spec.command(&tree)
+        let seed = dir.join("seed");
+        spec.write_seed(&seed)?;
+        spec.command(&tree, &seed)
             .run()
             .with_context(|| format!("bootstrapping {} {}", spec.distro, spec.codename))?;
+        fsutil::remove_tree(&seed)?;
         let meta = serde_json::to_vec_pretty(spec)?;
         std::fs::write(dir.join("spec.json"), meta).context("writing spec.json")?;
         Ok(())
@@ -197,8 +234,17 @@ mod tests {
     #[test]
     fn debian_sources_use_the_security_mirror() {
         let p = load("debian-bookworm", &ProfileSource::Embedded).unwrap();
-        let spec = BootstrapSpec::new(&p, Some("http://mirror.example/debian"), vec!["openssh-server".into()]);
-        let lines: Vec<String> = spec.sources.iter().map(|s| s.deb_line(&spec.keyring)).collect();
+        let spec = BootstrapSpec::new(
+            &p,
+            Some("http://mirror.example/debian"),
+            vec!["openssh-server".into()],
+            vec![],
+        );
+        let lines: Vec<String> = spec
+            .sources
+            .iter()
+            .map(|s| s.deb_line(&spec.keyring))
+            .collect();
         assert_eq!(
             lines,
             vec![
@@ -207,32 +253,77 @@ mod tests {
                 "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main",
             ]
         );
-        assert_eq!(spec.sources[0].inrelease_url(), "http://mirror.example/debian/dists/bookworm/InRelease");
+        assert_eq!(
+            spec.sources[0].inrelease_url(),
+            "http://mirror.example/debian/dists/bookworm/InRelease"
+        );
     }
 
     #[test]
     fn command_is_namespaced_and_complete() {
         let p = load("ubuntu-noble", &ProfileSource::Embedded).unwrap();
-        let spec = BootstrapSpec::new(&p, None, vec!["linux-image-virtual".into(), "openssh-server".into()]);
-        let line = spec.command(Path::new("/x/rootfs")).display();
-        assert!(line.starts_with("unshare --mount --pid --fork --kill-child"), "{line}");
-        assert!(line.contains("--include=linux-image-virtual,openssh-server"), "{line}");
-        assert!(line.contains("--keyring=/usr/share/keyrings/ubuntu-archive-keyring.gpg"), "{line}");
+        let seed = vec![(
+            "/etc/initramfs-tools/conf.d/stemforge.conf".to_string(),
+            INITRAMFS_CONF.to_string(),
+        )];
+        let spec = BootstrapSpec::new(
+            &p,
+            None,
+            vec!["linux-image-virtual".into(), "openssh-server".into()],
+            seed,
+        );
+        let line = spec
+            .command(Path::new("/x/rootfs"), Path::new("/x/seed"))
+            .display();
+        assert!(
+            line.starts_with("unshare --mount --pid --fork --kill-child"),
+            "{line}"
+        );
+        assert!(
+            line.contains("--include=linux-image-virtual,openssh-server"),
+            "{line}"
+        );
+        assert!(
+            line.contains("--keyring=/usr/share/keyrings/ubuntu-archive-keyring.gpg"),
+            "{line}"
+        );
         assert!(line.contains("'deb [signed-by=/usr/share/keyrings/ubuntu-archive-keyring.gpg] http://archive.ubuntu.com/ubuntu noble main universe'"), "{line}");
-        assert!(line.contains("http://security.ubuntu.com/ubuntu noble-security main universe"), "{line}");
-        assert!(line.contains("--dpkgopt=path-exclude=/usr/share/man/*"), "{line}");
-        assert!(line.contains("FSTYPE=ext4"), "{line}");
+        assert!(
+            line.contains("http://security.ubuntu.com/ubuntu noble-security main universe"),
+            "{line}"
+        );
+        assert!(
+            line.contains("--dpkgopt=path-exclude=/usr/share/man/*"),
+            "{line}"
+        );
+        assert!(
+            line.contains("--essential-hook=sync-in /x/seed /"),
+            "{line}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        spec.write_seed(d.path()).unwrap();
+        let conf =
+            std::fs::read_to_string(d.path().join("etc/initramfs-tools/conf.d/stemforge.conf"))
+                .unwrap();
+        assert!(conf.contains("FSTYPE=ext4"));
     }
 
     #[test]
     fn cache_key_follows_inputs_and_archive() {
         let p = load("debian-bookworm", &ProfileSource::Embedded).unwrap();
-        let a = BootstrapSpec::new(&p, None, vec!["a".into()]);
-        let b = BootstrapSpec::new(&p, None, vec!["a".into(), "b".into()]);
+        let a = BootstrapSpec::new(&p, None, vec!["a".into()], vec![]);
+        let b = BootstrapSpec::new(&p, None, vec!["a".into(), "b".into()], vec![]);
+        let c = BootstrapSpec::new(
+            &p,
+            None,
+            vec!["a".into()],
+            vec![("/etc/x".into(), "y".into())],
+        );
         let r1 = vec![b"release-1".to_vec()];
         let r2 = vec![b"release-2".to_vec()];
         assert_eq!(a.cache_key(&r1), a.cache_key(&r1));
         assert_ne!(a.cache_key(&r1), b.cache_key(&r1));
+        assert_ne!(a.cache_key(&r1), c.cache_key(&r1));
         assert_ne!(a.cache_key(&r1), a.cache_key(&r2));
     }
 }

@@ -30,11 +30,13 @@ impl Lock {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let file = File::create(path).with_context(|| format!("creating lock {}", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("creating lock {}", path.display()))?;
         // SAFETY: flock on a descriptor we own.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         if rc != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| format!("locking {}", path.display()));
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("locking {}", path.display()));
         }
         Ok(Lock { _file: file })
     }
@@ -54,7 +56,9 @@ pub enum Hit {
 
 impl Cache {
     pub fn new(dir: &Path) -> Cache {
-        Cache { dir: dir.to_path_buf() }
+        Cache {
+            dir: dir.to_path_buf(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -98,11 +102,17 @@ impl Cache {
             .flatten()
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .filter_map(|e| {
-                let m = e.path().join(".complete").metadata().ok()?.modified().ok()?;
+                let m = e
+                    .path()
+                    .join(".complete")
+                    .metadata()
+                    .ok()?
+                    .modified()
+                    .ok()?;
                 Some((m, e.path()))
             })
             .collect();
-        entries.sort_by(|a, b| b.0.cmp(&a.0));
+        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (_, p) in entries.into_iter().skip(KEEP) {
             if p.file_name().map(|n| n != keep_key).unwrap_or(true) {
                 fsutil::remove_tree(&p)?;
@@ -135,7 +145,9 @@ mod tests {
             .unwrap();
         assert_eq!(hit, Hit::Miss);
         assert_eq!(std::fs::read_to_string(p.join("x")).unwrap(), "1");
-        let (_, hit) = c.get_or_make("t", "k1", |_| panic!("must not remake")).unwrap();
+        let (_, hit) = c
+            .get_or_make("t", "k1", |_| panic!("must not remake"))
+            .unwrap();
         assert_eq!(hit, Hit::Hit);
     }
 

@@ -35,7 +35,10 @@ exec chroot "$R" "$@"
 
 /// The environment commands see inside the tree.
 const ENV: &[(&str, &str)] = &[
-    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
     ("LC_ALL", "C.UTF-8"),
     ("LANG", "C.UTF-8"),
     ("HOME", "/root"),
@@ -61,10 +64,7 @@ impl Chroot {
             .with_context(|| format!("image tree {}", root.display()))?;
         for d in ["proc", "sys", "dev", "run", "bin"] {
             if !root.join(d).exists() {
-                bail!(
-                    "{} is not a root tree (no /{d})",
-                    root.display()
-                );
+                bail!("{} is not a root tree (no /{d})", root.display());
             }
         }
         Ok(Chroot { root })
@@ -119,8 +119,11 @@ impl Chroot {
     /// forbidden", for invoke-rc.d and deb-systemd-invoke).
     pub fn deny_service_starts(&self) -> Result<()> {
         let p = self.root.join(POLICY_RC_D.trim_start_matches('/'));
-        std::fs::write(&p, "#!/bin/sh\n# stemforge: no service starts while building\nexit 101\n")
-            .with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(
+            &p,
+            "#!/bin/sh\n# stemforge: no service starts while building\nexit 101\n",
+        )
+        .with_context(|| format!("writing {}", p.display()))?;
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))
             .with_context(|| format!("chmod {}", p.display()))
@@ -169,7 +172,12 @@ mod tests {
         }
         let c = Chroot::new(d.path()).unwrap();
         let line = c.command(["apt-get", "update"]).display();
-        assert!(line.starts_with("unshare --mount --pid --fork --kill-child --propagation private -- /bin/sh -c"), "{line}");
+        assert!(
+            line.starts_with(
+                "unshare --mount --pid --fork --kill-child --propagation private -- /bin/sh -c"
+            ),
+            "{line}"
+        );
         assert!(line.ends_with("apt-get update"), "{line}");
     }
 

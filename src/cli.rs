@@ -314,7 +314,13 @@ fn verify_cmd(a: VerifyArgs) -> Result<i32> {
         None => a
             .image
             .parent()
-            .map(|p| if p.as_os_str().is_empty() { PathBuf::from(".") } else { p.to_path_buf() })
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    p.to_path_buf()
+                }
+            })
             .unwrap_or_else(|| PathBuf::from(".")),
     };
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -352,7 +358,11 @@ fn scan_cmd(a: ScanArgs) -> Result<i32> {
     let catalog = Catalog::load(&source)?;
     for id in &a.controls {
         if !catalog.controls().any(|(_, c)| &c.id == id) {
-            return Err(ConfigError::new("--control", format!("no control `{id}` (see `stemforge stages`)")).into());
+            return Err(ConfigError::new(
+                "--control",
+                format!("no control `{id}` (see `stemforge stages`)"),
+            )
+            .into());
         }
     }
     let target = match &a.root {
@@ -361,7 +371,14 @@ fn scan_cmd(a: ScanArgs) -> Result<i32> {
     };
     let roles = (!a.roles.is_empty()).then(|| a.roles.clone());
     let ctx = ScanContext::detect(&target, roles);
-    let report = scan::run(&catalog, &target, &ctx, &Selection { ids: a.controls.clone() });
+    let report = scan::run(
+        &catalog,
+        &target,
+        &ctx,
+        &Selection {
+            ids: a.controls.clone(),
+        },
+    );
     let text = match a.format {
         OutputFormat::Json => scan::report::render_json(&report) + "\n",
         OutputFormat::Text => scan::report::render_text(&report, progress_verbose()),
@@ -390,7 +407,11 @@ fn profiles(a: ListArgs) -> Result<i32> {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
         OutputFormat::Text => {
             for p in &list {
-                let default = if p.name == DEFAULT_PROFILE { " (default)" } else { "" };
+                let default = if p.name == DEFAULT_PROFILE {
+                    " (default)"
+                } else {
+                    ""
+                };
                 println!(
                     "{:<18} {} {} ({}), kernel {}, {} partitions{default}",
                     p.name,
@@ -487,7 +508,9 @@ mod tests {
     #[test]
     fn build_defaults_to_ubuntu_noble_raw_and_qcow2() {
         let cli = Cli::try_parse_from(["stemforge", "build"]).unwrap();
-        let Command::Build(b) = cli.command else { panic!() };
+        let Command::Build(b) = cli.command else {
+            panic!()
+        };
         assert_eq!(b.profile, "ubuntu-noble");
         assert_eq!(b.formats, vec![Format::Raw, Format::Qcow2]);
         assert!(!b.no_verify);

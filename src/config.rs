@@ -156,9 +156,7 @@ fn backticked_after<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 /// Parse a size such as `512MiB`, `2GiB`, `5G` or `1048576` into bytes.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -177,7 +175,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Format bytes the way profiles write them (`512MiB`, `2GiB`, `1.5GiB`).
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (name, mult) in UNITS {
         if bytes >= mult {
             if bytes % mult == 0 {

@@ -45,10 +45,32 @@ pub const EXT4_FEATURES: &str = "none,has_journal,ext_attr,resize_inode,dir_inde
 
 /// GRUB modules built into BOOTX64.EFI (nothing is loaded from disk).
 pub const GRUB_MODULES: &[&str] = &[
-    "part_gpt", "part_msdos", "fat", "ext2", "normal", "configfile", "search", "search_fs_uuid",
-    "search_label", "linux", "gzio", "echo", "test", "all_video", "efi_gop", "serial",
-    "terminal", "password_pbkdf2", "pbkdf2", "gcry_sha512", "sleep", "boot", "reboot", "halt",
-    "ls", "cat",
+    "part_gpt",
+    "part_msdos",
+    "fat",
+    "ext2",
+    "normal",
+    "configfile",
+    "search",
+    "search_fs_uuid",
+    "search_label",
+    "linux",
+    "gzio",
+    "echo",
+    "test",
+    "all_video",
+    "efi_gop",
+    "serial",
+    "terminal",
+    "password_pbkdf2",
+    "pbkdf2",
+    "gcry_sha512",
+    "sleep",
+    "boot",
+    "reboot",
+    "halt",
+    "ls",
+    "cat",
 ];
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,7 +127,8 @@ pub fn plan(p: &Profile) -> DiskPlan {
     let mut partitions = Vec::new();
     for (i, part) in p.disk.partitions.iter().enumerate() {
         let size = part.size.div_ceil(ALIGN) * ALIGN;
-        let fat_id = u32::from_le_bytes(Uuid::new_v4().as_bytes()[..4].try_into().expect("4 bytes"));
+        let fat_id =
+            u32::from_le_bytes(Uuid::new_v4().as_bytes()[..4].try_into().expect("4 bytes"));
         let fs_uuid = match part.fs {
             FsType::Ext4 => Uuid::new_v4().to_string(),
             FsType::Vfat => format!("{:04X}-{:04X}", fat_id >> 16, fat_id & 0xffff),
@@ -159,12 +182,20 @@ impl DiskPlan {
                 p.options.join(",")
             };
             let pass = if p.mount == "/" { 1 } else { 2 };
-            rows.push((format!("UUID={}", p.fs_uuid), p.mount.clone(), p.fs.as_str().to_string(), opts, pass));
+            rows.push((
+                format!("UUID={}", p.fs_uuid),
+                p.mount.clone(),
+                p.fs.as_str().to_string(),
+                opts,
+                pass,
+            ));
         }
         for m in &self.mounts {
             let (spec, fstype, mut opts) = match &m.kind {
                 ExtraMountKind::Tmpfs => ("tmpfs".to_string(), "tmpfs", Vec::new()),
-                ExtraMountKind::Bind { source } => (source.clone(), "none", vec!["bind".to_string()]),
+                ExtraMountKind::Bind { source } => {
+                    (source.clone(), "none", vec!["bind".to_string()])
+                }
             };
             opts.extend(m.options.iter().cloned());
             if opts.is_empty() {
@@ -172,7 +203,13 @@ impl DiskPlan {
             }
             rows.push((spec, m.mount.clone(), fstype.to_string(), opts.join(","), 0));
         }
-        rows.sort_by_key(|r| if r.1 == "/" { 0 } else { r.1.matches('/').count() });
+        rows.sort_by_key(|r| {
+            if r.1 == "/" {
+                0
+            } else {
+                r.1.matches('/').count()
+            }
+        });
         let mut out = String::from(
             "# /etc/fstab: written by stemforge from the profile's disk layout.\n# <file system> <mount point> <type> <options> <dump> <pass>\n",
         );
@@ -184,7 +221,11 @@ impl DiskPlan {
 
     /// A table of the layout for the plan printout.
     pub fn describe(&self) -> String {
-        let mut s = format!("GPT disk, {} (disk GUID {})\n", format_size(self.size), self.disk_guid);
+        let mut s = format!(
+            "GPT disk, {} (disk GUID {})\n",
+            format_size(self.size),
+            self.disk_guid
+        );
         for p in &self.partitions {
             s.push_str(&format!(
                 "  {:>2}  {:<16} {:<5} {:>7}  at {:>7}  {}\n",
@@ -193,7 +234,11 @@ impl DiskPlan {
                 p.fs.as_str(),
                 format_size(p.size()),
                 format_size(p.offset()),
-                if p.options.is_empty() { "-".to_string() } else { p.options.join(",") }
+                if p.options.is_empty() {
+                    "-".to_string()
+                } else {
+                    p.options.join(",")
+                }
             ));
         }
         for m in &self.mounts {
@@ -201,7 +246,11 @@ impl DiskPlan {
                 ExtraMountKind::Tmpfs => "tmpfs".to_string(),
                 ExtraMountKind::Bind { source } => format!("bind of {source}"),
             };
-            s.push_str(&format!("      {:<16} {what}  {}\n", m.mount, m.options.join(",")));
+            s.push_str(&format!(
+                "      {:<16} {what}  {}\n",
+                m.mount,
+                m.options.join(",")
+            ));
         }
         s
     }
@@ -240,13 +289,21 @@ pub fn kernel_version(tree: &Path) -> Result<String> {
     let mut versions: Vec<String> = std::fs::read_dir(&boot)
         .with_context(|| format!("reading {}", boot.display()))?
         .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_prefix("vmlinuz-").map(str::to_string))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("vmlinuz-")
+                .map(str::to_string)
+        })
         .filter(|v| boot.join(format!("initrd.img-{v}")).exists())
         .collect();
     versions.sort_by(|a, b| version_cmp(a, b));
-    versions
-        .pop()
-        .with_context(|| format!("no kernel with an initrd in {} (is the kernel package installed?)", boot.display()))
+    versions.pop().with_context(|| {
+        format!(
+            "no kernel with an initrd in {} (is the kernel package installed?)",
+            boot.display()
+        )
+    })
 }
 
 fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
@@ -262,7 +319,11 @@ fn version_cmp(a: &str, b: &str) -> std::cmp::Ordering {
 /// /boot/grub/grub.cfg.
 pub fn grub_cfg(plan: &DiskPlan, p: &Profile, kernel: &str, password_hash: &str) -> String {
     let root = &plan.root().fs_uuid;
-    let title = if p.description.is_empty() { p.name.clone() } else { p.description.clone() };
+    let title = if p.description.is_empty() {
+        p.name.clone()
+    } else {
+        p.description.clone()
+    };
     let cmdline = p.boot.cmdline.join(" ");
     let entry = |name: &str, id: &str, access: &str, extra: &str| {
         format!(
@@ -282,7 +343,12 @@ pub fn grub_cfg(plan: &DiskPlan, p: &Profile, kernel: &str, password_hash: &str)
          set default=stemforge\n\n{}\n{}",
         p.boot.timeout,
         entry(&title, "stemforge", "--unrestricted", ""),
-        entry(&format!("{title} (recovery mode)"), "stemforge-recovery", "--users root", " single"),
+        entry(
+            &format!("{title} (recovery mode)"),
+            "stemforge-recovery",
+            "--users root",
+            " single"
+        ),
     )
 }
 
@@ -299,7 +365,10 @@ pub fn build_grub_efi(chroot: &Chroot, plan: &DiskPlan) -> Result<Vec<u8>> {
     let root = chroot.root();
     let mods = root.join("usr/lib/grub/x86_64-efi");
     if !mods.join("normal.mod").exists() {
-        bail!("{} has no GRUB EFI modules: install grub-efi-amd64-bin in the profile", mods.display());
+        bail!(
+            "{} has no GRUB EFI modules: install grub-efi-amd64-bin in the profile",
+            mods.display()
+        );
     }
     let cfg = root.join("tmp/stemforge-early.cfg");
     std::fs::write(&cfg, early_cfg(plan)).with_context(|| format!("writing {}", cfg.display()))?;
@@ -317,9 +386,12 @@ pub fn build_grub_efi(chroot: &Chroot, plan: &DiskPlan) -> Result<Vec<u8>> {
         "/usr/lib/grub/x86_64-efi",
     ];
     argv.extend(GRUB_MODULES);
-    let r = chroot.run(&argv).context("building BOOTX64.EFI with the image's grub-mkimage");
+    let r = chroot
+        .run(&argv)
+        .context("building BOOTX64.EFI with the image's grub-mkimage");
     let out = root.join("tmp/stemforge-bootx64.efi");
-    let bytes = r.and_then(|_| std::fs::read(&out).with_context(|| format!("reading {}", out.display())));
+    let bytes =
+        r.and_then(|_| std::fs::read(&out).with_context(|| format!("reading {}", out.display())));
     let _ = std::fs::remove_file(&cfg);
     let _ = std::fs::remove_file(&out);
     bytes
@@ -334,25 +406,31 @@ struct Carved {
 /// Move each non-root partition's subtree out of the tree (deepest first),
 /// leaving an empty mount point with the original mode and owner.
 fn carve(tree: &Path, stage_dir: &Path, plan: &DiskPlan) -> Result<Vec<Carved>> {
-    let mut parts: Vec<&PlannedPartition> = plan.partitions.iter().filter(|p| p.mount != "/").collect();
+    let mut parts: Vec<&PlannedPartition> =
+        plan.partitions.iter().filter(|p| p.mount != "/").collect();
     parts.sort_by_key(|p| std::cmp::Reverse(p.mount.matches('/').count()));
     let mut carved = Vec::new();
     for p in parts {
         let src = tree.join(p.mount.trim_start_matches('/'));
         match src.symlink_metadata() {
             Ok(md) if md.file_type().is_symlink() => {
-                bail!("{} is a symlink in the tree; it cannot be a mount point", p.mount)
+                bail!(
+                    "{} is a symlink in the tree; it cannot be a mount point",
+                    p.mount
+                )
             }
             Ok(_) => {}
             Err(_) => {
-                std::fs::create_dir_all(&src).with_context(|| format!("creating mount point {}", p.mount))?;
+                std::fs::create_dir_all(&src)
+                    .with_context(|| format!("creating mount point {}", p.mount))?;
             }
         }
         let md = src.metadata()?;
         let staged = stage_dir.join(&p.label);
         std::fs::rename(&src, &staged)
             .with_context(|| format!("moving {} aside", src.display()))?;
-        std::fs::create_dir(&src).with_context(|| format!("creating mount point {}", src.display()))?;
+        std::fs::create_dir(&src)
+            .with_context(|| format!("creating mount point {}", src.display()))?;
         std::fs::set_permissions(&src, std::fs::Permissions::from_mode(md.mode() & 0o7777))?;
         fsutil::lchown(&src, md.uid(), md.gid())?;
         carved.push(Carved {
@@ -367,7 +445,8 @@ fn carve(tree: &Path, stage_dir: &Path, plan: &DiskPlan) -> Result<Vec<Carved>> 
 fn uncarve(tree: &Path, carved: Vec<Carved>) -> Result<()> {
     for c in carved.into_iter().rev() {
         let dst = tree.join(c.mount.trim_start_matches('/'));
-        std::fs::remove_dir(&dst).with_context(|| format!("removing mount point {}", dst.display()))?;
+        std::fs::remove_dir(&dst)
+            .with_context(|| format!("removing mount point {}", dst.display()))?;
         std::fs::rename(&c.staged, &dst)
             .with_context(|| format!("moving {} back to {}", c.staged.display(), dst.display()))?;
     }
@@ -377,7 +456,9 @@ fn uncarve(tree: &Path, carved: Vec<Carved>) -> Result<()> {
 /// `mkfs.ext4 -d` of `src` into a fresh image file, then give the file
 /// system's top directory the mode and owner of `src` (mke2fs does not).
 pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
-    let md = src.metadata().with_context(|| format!("stat {}", src.display()))?;
+    let md = src
+        .metadata()
+        .with_context(|| format!("stat {}", src.display()))?;
     let used = fsutil::tree_usage(src)?;
     // Room for metadata: the journal (up to 64 MiB here), inode tables and
     // the 5% reserve.
@@ -391,7 +472,8 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
         );
     }
     let f = File::create(image).with_context(|| format!("creating {}", image.display()))?;
-    f.set_len(p.size()).with_context(|| format!("sizing {}", image.display()))?;
+    f.set_len(p.size())
+        .with_context(|| format!("sizing {}", image.display()))?;
     drop(f);
     cmd(
         "mkfs.ext4",
@@ -416,10 +498,13 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
     .run()
     .with_context(|| format!("making the {} file system", p.mount))?;
     let mode = 0o040000 | (md.mode() & 0o7777);
-    cmd("debugfs", ["-w", "-R", &format!("set_inode_field / mode 0{mode:o}")])
-        .arg(image)
-        .run()
-        .with_context(|| format!("setting the mode of {}", p.mount))?;
+    cmd(
+        "debugfs",
+        ["-w", "-R", &format!("set_inode_field / mode 0{mode:o}")],
+    )
+    .arg(image)
+    .run()
+    .with_context(|| format!("setting the mode of {}", p.mount))?;
     Ok(())
 }
 
@@ -434,7 +519,8 @@ pub fn write_esp(image: &Path, p: &PlannedPartition, src: &Path, bootx64: &[u8])
         .write(true)
         .open(image)
         .with_context(|| format!("creating {}", image.display()))?;
-    f.set_len(p.size()).with_context(|| format!("sizing {}", image.display()))?;
+    f.set_len(p.size())
+        .with_context(|| format!("sizing {}", image.display()))?;
     // FAT32 needs at least 65525 clusters: the largest cluster that leaves
     // that many, with room to spare.
     let mut cluster: u32 = 4096;
@@ -460,13 +546,64 @@ pub fn write_esp(image: &Path, p: &PlannedPartition, src: &Path, bootx64: &[u8])
         copy_into_fat(&root, src)?;
         let efi = root.create_dir("EFI").context("ESP: creating EFI")?;
         let boot = efi.create_dir("BOOT").context("ESP: creating EFI/BOOT")?;
-        let mut file = boot.create_file("BOOTX64.EFI").context("ESP: creating BOOTX64.EFI")?;
+        let mut file = boot
+            .create_file("BOOTX64.EFI")
+            .context("ESP: creating BOOTX64.EFI")?;
         file.truncate().context("ESP: truncating BOOTX64.EFI")?;
-        file.write_all(bootx64).context("ESP: writing BOOTX64.EFI")?;
+        file.write_all(bootx64)
+            .context("ESP: writing BOOTX64.EFI")?;
         file.flush().context("ESP: flushing BOOTX64.EFI")?;
     }
     fs.unmount().context("closing the ESP")?;
+    fix_root_dotdot(&f).context("fixing the ESP's directory entries")?;
     f.sync_all().context("syncing the ESP")?;
+    Ok(())
+}
+
+/// fatfs 0.3.6 points the `..` entry of a directory in the root at the
+/// root's cluster; FAT32 requires 0 there (fsck.fat: "Invalid '..' entry in
+/// the second slot"). Set it to 0 for every directory in the root.
+/// Upstream: rafalh/rust-fatfs (fixed on master, not released).
+fn fix_root_dotdot(f: &File) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut bs = [0u8; 512];
+    f.read_exact_at(&mut bs, 0)?;
+    let u16at = |o: usize| u16::from_le_bytes([bs[o], bs[o + 1]]) as u64;
+    let u32at = |o: usize| u32::from_le_bytes([bs[o], bs[o + 1], bs[o + 2], bs[o + 3]]) as u64;
+    let bps = u16at(11);
+    let cluster_bytes = bps * bs[13] as u64;
+    let fat_start = u16at(14) * bps;
+    let data_start = fat_start + bs[16] as u64 * u32at(36) * bps;
+    let offset = |c: u64| data_start + (c - 2) * cluster_bytes;
+    let next = |c: u64| -> std::io::Result<u64> {
+        let mut e = [0u8; 4];
+        f.read_exact_at(&mut e, fat_start + c * 4)?;
+        Ok(u32::from_le_bytes(e) as u64 & 0x0FFF_FFFF)
+    };
+    let mut cluster = u32at(44);
+    let mut buf = vec![0u8; cluster_bytes as usize];
+    while (2..0x0FFF_FFF8).contains(&cluster) {
+        f.read_exact_at(&mut buf, offset(cluster))?;
+        for e in buf.chunks(32) {
+            if e[0] == 0 {
+                return Ok(());
+            }
+            let attr = e[11];
+            if e[0] == 0xE5 || attr == 0x0F || attr & 0x08 != 0 || attr & 0x10 == 0 {
+                continue;
+            }
+            let child = (u16::from_le_bytes([e[20], e[21]]) as u64) << 16
+                | u16::from_le_bytes([e[26], e[27]]) as u64;
+            let mut dotdot = [0u8; 32];
+            f.read_exact_at(&mut dotdot, offset(child) + 32)?;
+            if &dotdot[..11] == b"..         " {
+                dotdot[20..22].fill(0);
+                dotdot[26..28].fill(0);
+                f.write_all_at(&dotdot, offset(child) + 32)?;
+            }
+        }
+        cluster = next(cluster)?;
+    }
     Ok(())
 }
 
@@ -476,10 +613,14 @@ fn copy_into_fat<T: fatfs::ReadWriteSeek>(dir: &fatfs::Dir<T>, src: &Path) -> Re
         let name = entry.file_name().to_string_lossy().into_owned();
         let md = entry.metadata()?;
         if md.is_dir() {
-            let sub = dir.create_dir(&name).with_context(|| format!("ESP: creating {name}"))?;
+            let sub = dir
+                .create_dir(&name)
+                .with_context(|| format!("ESP: creating {name}"))?;
             copy_into_fat(&sub, &entry.path())?;
         } else if md.is_file() {
-            let mut f = dir.create_file(&name).with_context(|| format!("ESP: creating {name}"))?;
+            let mut f = dir
+                .create_file(&name)
+                .with_context(|| format!("ESP: creating {name}"))?;
             f.truncate()?;
             f.write_all(&std::fs::read(entry.path())?)
                 .with_context(|| format!("ESP: writing {name}"))?;
@@ -500,7 +641,8 @@ pub fn write_gpt_disk(out: &Path, plan: &DiskPlan, images: &[(u32, PathBuf)]) ->
         .write(true)
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
-    f.set_len(plan.size).with_context(|| format!("sizing {}", out.display()))?;
+    f.set_len(plan.size)
+        .with_context(|| format!("sizing {}", out.display()))?;
     let lbas = u32::try_from(plan.size / SECTOR - 1).unwrap_or(u32::MAX);
     gpt::mbr::ProtectiveMBR::with_lb_size(lbas)
         .overwrite_lba0(&mut f)
@@ -531,7 +673,8 @@ pub fn write_gpt_disk(out: &Path, plan: &DiskPlan, images: &[(u32, PathBuf)]) ->
             e.part_guid = p.part_guid;
         }
     }
-    disk.update_partitions(entries).context("setting partition GUIDs")?;
+    disk.update_partitions(entries)
+        .context("setting partition GUIDs")?;
     let f = disk
         .write()
         .with_context(|| format!("writing the GPT to {}", out.display()))?;
@@ -545,7 +688,8 @@ pub fn write_gpt_disk(out: &Path, plan: &DiskPlan, images: &[(u32, PathBuf)]) ->
         fsutil::copy_sparse_into(&src, &f, p.offset())
             .with_context(|| format!("copying {} into {}", img.display(), out.display()))?;
     }
-    f.sync_all().with_context(|| format!("syncing {}", out.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", out.display()))?;
     Ok(())
 }
 
@@ -558,7 +702,13 @@ pub struct DiskReport {
 
 /// The whole phase: fstab and grub.cfg into the tree, BOOTX64.EFI, every
 /// file system, the GPT disk at `out` (complete when this returns).
-pub fn assemble(chroot: &Chroot, profile: &Profile, plan: &DiskPlan, work: &Path, out: &Path) -> Result<DiskReport> {
+pub fn assemble(
+    chroot: &Chroot,
+    profile: &Profile,
+    plan: &DiskPlan,
+    work: &Path,
+    out: &Path,
+) -> Result<DiskReport> {
     let tree = chroot.root().to_path_buf();
     let kernel = kernel_version(&tree)?;
     let fstab = tree.join("etc/fstab");
@@ -566,16 +716,21 @@ pub fn assemble(chroot: &Chroot, profile: &Profile, plan: &DiskPlan, work: &Path
     let grub_dir = tree.join("boot/grub");
     std::fs::create_dir_all(&grub_dir).context("creating /boot/grub")?;
     let cfg = grub_dir.join("grub.cfg");
-    std::fs::write(&cfg, grub_cfg(plan, profile, &kernel, &fresh_grub_password_hash()?))
-        .context("writing /boot/grub/grub.cfg")?;
-    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).context("chmod grub.cfg")?;
+    std::fs::write(
+        &cfg,
+        grub_cfg(plan, profile, &kernel, &fresh_grub_password_hash()?),
+    )
+    .context("writing /boot/grub/grub.cfg")?;
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600))
+        .context("chmod grub.cfg")?;
     fsutil::lchown(&cfg, 0, 0)?;
     progress::activity("grub-mkimage");
     let bootx64 = build_grub_efi(chroot, plan)?;
 
     let stage_dir = work.join("parts");
     fsutil::remove_tree(&stage_dir)?;
-    std::fs::create_dir_all(&stage_dir).with_context(|| format!("creating {}", stage_dir.display()))?;
+    std::fs::create_dir_all(&stage_dir)
+        .with_context(|| format!("creating {}", stage_dir.display()))?;
     let carved = carve(&tree, &stage_dir, plan)?;
     let made = make_filesystems(&tree, plan, &carved, work, &bootx64);
     uncarve(&tree, carved)?;
@@ -587,7 +742,11 @@ pub fn assemble(chroot: &Chroot, profile: &Profile, plan: &DiskPlan, work: &Path
     }
     Ok(DiskReport {
         kernel,
-        partitions: plan.partitions.iter().map(|p| (p.mount.clone(), p.size())).collect(),
+        partitions: plan
+            .partitions
+            .iter()
+            .map(|p| (p.mount.clone(), p.size()))
+            .collect(),
     })
 }
 
@@ -650,11 +809,20 @@ mod tests {
     fn fstab_lists_uuids_options_and_extra_mounts() {
         let plan = plan(&profile());
         let f = plan.fstab();
-        let root = format!("UUID={}\t/\text4\terrors=remount-ro\t0\t1", plan.root().fs_uuid);
+        let root = format!(
+            "UUID={}\t/\text4\terrors=remount-ro\t0\t1",
+            plan.root().fs_uuid
+        );
         assert!(f.contains(&root), "{f}");
         assert!(f.contains("\t/tmp\text4\tnodev,nosuid,noexec\t0\t2"), "{f}");
-        assert!(f.contains("tmpfs\t/dev/shm\ttmpfs\tnodev,nosuid,noexec\t0\t0"), "{f}");
-        assert!(f.contains("/tmp\t/var/tmp\tnone\tbind,nodev,nosuid,noexec\t0\t0"), "{f}");
+        assert!(
+            f.contains("tmpfs\t/dev/shm\ttmpfs\tnodev,nosuid,noexec\t0\t0"),
+            "{f}"
+        );
+        assert!(
+            f.contains("/tmp\t/var/tmp\tnone\tbind,nodev,nosuid,noexec\t0\t0"),
+            "{f}"
+        );
         // Parents come before children.
         let pos = |m: &str| f.find(&format!("\t{m}\t")).unwrap();
         assert!(pos("/var") < pos("/var/log") && pos("/var/log") < pos("/var/log/audit"));
@@ -667,9 +835,13 @@ mod tests {
     fn grub_pbkdf2_matches_a_known_vector() {
         // PBKDF2-HMAC-SHA512("password", "salt", 1), first bytes.
         let h = grub_pbkdf2(b"password", b"salt", 1);
-        assert!(h.starts_with("grub.pbkdf2.sha512.1.73616C74.867F70CF1ADE02CF"), "{h}");
+        assert!(
+            h.starts_with("grub.pbkdf2.sha512.1.73616C74.867F70CF1ADE02CF"),
+            "{h}"
+        );
         let fresh = fresh_grub_password_hash().unwrap();
-        let re = regex::Regex::new(r"^grub\.pbkdf2\.sha512\.10000\.[0-9A-F]{128}\.[0-9A-F]{128}$").unwrap();
+        let re = regex::Regex::new(r"^grub\.pbkdf2\.sha512\.10000\.[0-9A-F]{128}\.[0-9A-F]{128}$")
+            .unwrap();
         assert!(re.is_match(&fresh), "{fresh}");
         assert_ne!(fresh, fresh_grub_password_hash().unwrap());
     }
@@ -678,10 +850,20 @@ mod tests {
     fn grub_cfg_restricts_all_but_the_normal_entry() {
         let p = profile();
         let plan = plan(&p);
-        let cfg = grub_cfg(&plan, &p, "6.1.0-50-amd64", "grub.pbkdf2.sha512.10000.AA.BB");
-        assert!(cfg.contains("set superusers=\"root\"\npassword_pbkdf2 root grub.pbkdf2.sha512.10000.AA.BB"));
+        let cfg = grub_cfg(
+            &plan,
+            &p,
+            "6.1.0-50-amd64",
+            "grub.pbkdf2.sha512.10000.AA.BB",
+        );
+        assert!(cfg.contains(
+            "set superusers=\"root\"\npassword_pbkdf2 root grub.pbkdf2.sha512.10000.AA.BB"
+        ));
         assert!(cfg.contains("--id stemforge --unrestricted {"), "{cfg}");
-        assert!(cfg.contains("--id stemforge-recovery --users root {"), "{cfg}");
+        assert!(
+            cfg.contains("--id stemforge-recovery --users root {"),
+            "{cfg}"
+        );
         let linux = format!(
             "root=UUID={} ro console=tty1 console=ttyS0,115200n8 audit=1 audit_backlog_limit=8192\n",
             plan.root().fs_uuid
@@ -706,13 +888,49 @@ mod tests {
     }
 
     #[test]
+    fn the_esp_passes_fsck_fat() {
+        let d = tempfile::tempdir().unwrap();
+        let plan = plan(&profile());
+        let src = d.path().join("efi");
+        std::fs::create_dir_all(src.join("VENDOR")).unwrap();
+        std::fs::write(src.join("VENDOR/NOTE.TXT"), "x").unwrap();
+        let img = d.path().join("esp.img");
+        write_esp(&img, plan.esp(), &src, &vec![0x4d; 700_000]).unwrap();
+        let out = cmd("fsck.fat", ["-n", "-v"])
+            .arg(&img)
+            .run_unchecked()
+            .expect("fsck.fat (dosfstools) is installed");
+        let text = out.stdout_str();
+        assert!(out.status.success(), "fsck.fat: {text}{}", out.stderr_str());
+        for bad in [
+            "Expected a valid",
+            "share clusters",
+            "Bad short file name",
+            "Invalid",
+            "Deleting",
+        ] {
+            assert!(!text.contains(bad), "fsck.fat found problems:\n{text}");
+        }
+        assert!(
+            text.contains(&format!("Volume id {:08x}", plan.esp().fat_id))
+                || text.contains("FAT32")
+                || text.contains("32 bit entries"),
+            "{text}"
+        );
+        let listing = cmd("fsck.fat", ["-n", "-l"]).arg(&img).read().unwrap();
+        assert!(listing.contains("/EFI/BOOT/BOOTX64.EFI"), "{listing}");
+        assert!(listing.contains("/VENDOR/NOTE.TXT"), "{listing}");
+    }
+
+    #[test]
     fn carving_moves_subtrees_and_restores_them() {
         let d = tempfile::tempdir().unwrap();
         let tree = d.path().join("tree");
         for dir in ["var/log/audit", "tmp", "home", "boot/efi"] {
             std::fs::create_dir_all(tree.join(dir)).unwrap();
         }
-        std::fs::set_permissions(tree.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        std::fs::set_permissions(tree.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .unwrap();
         std::fs::write(tree.join("var/log/audit/a.log"), "a").unwrap();
         std::fs::write(tree.join("var/log/syslog"), "s").unwrap();
         std::fs::write(tree.join("var/x"), "x").unwrap();

@@ -102,7 +102,8 @@ impl Cmd {
     }
 
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
-        self.env.push((k.as_ref().to_owned(), v.as_ref().to_owned()));
+        self.env
+            .push((k.as_ref().to_owned(), v.as_ref().to_owned()));
         self
     }
 
@@ -338,8 +339,7 @@ pub fn tail(text: &str, n: usize) -> String {
 /// Quote `s` for a POSIX shell when it needs it.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%^".contains(c))
     {
         s.to_string()
@@ -375,23 +375,34 @@ mod tests {
 
     #[test]
     fn success_captures_stdout() {
-        let out = cmd("sh", ["-c", "echo hello; echo note >&2"]).run().unwrap();
+        let out = cmd("sh", ["-c", "echo hello; echo note >&2"])
+            .run()
+            .unwrap();
         assert_eq!(out.stdout_str(), "hello\n");
         assert_eq!(out.stderr_str(), "note\n");
     }
 
     #[test]
     fn failure_reports_command_status_and_stderr_tail() {
-        let err = cmd("sh", ["-c", "for i in $(seq 1 40); do echo line$i >&2; done; exit 3"])
-            .run()
-            .unwrap_err();
+        let err = cmd(
+            "sh",
+            [
+                "-c",
+                "for i in $(seq 1 40); do echo line$i >&2; done; exit 3",
+            ],
+        )
+        .run()
+        .unwrap_err();
         let f = err.downcast_ref::<CommandFailed>().expect("CommandFailed");
         assert_eq!(f.status, "exit status 3");
         assert!(f.command.starts_with("sh -c"));
         assert!(f.tail.contains("line40"));
         assert!(!f.tail.contains("line10\n"), "only the tail: {}", f.tail);
         let shown = err.to_string();
-        assert!(shown.contains("exit status 3") && shown.contains("line40"), "{shown}");
+        assert!(
+            shown.contains("exit status 3") && shown.contains("line40"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -413,12 +424,15 @@ mod tests {
 
     #[test]
     fn clear_env_and_stdin() {
-        let out = cmd("/bin/sh", ["-c", "echo \"${FOO:-unset}${HOME:-nohome}\"; cat"])
-            .clear_env()
-            .env("FOO", "bar")
-            .stdin_bytes("in")
-            .run()
-            .unwrap();
+        let out = cmd(
+            "/bin/sh",
+            ["-c", "echo \"${FOO:-unset}${HOME:-nohome}\"; cat"],
+        )
+        .clear_env()
+        .env("FOO", "bar")
+        .stdin_bytes("in")
+        .run()
+        .unwrap();
         assert_eq!(out.stdout_str(), "barnohome\nin");
     }
 

@@ -21,13 +21,8 @@ pub fn partial_path(final_path: &Path) -> PathBuf {
 
 /// Move a completed output from its temporary name to its final name.
 pub fn commit(partial: &Path, final_path: &Path) -> Result<()> {
-    std::fs::rename(partial, final_path).with_context(|| {
-        format!(
-            "renaming {} to {}",
-            partial.display(),
-            final_path.display()
-        )
-    })
+    std::fs::rename(partial, final_path)
+        .with_context(|| format!("renaming {} to {}", partial.display(), final_path.display()))
 }
 
 /// Write `bytes` to `path` atomically: a temporary name, then a rename.
@@ -43,8 +38,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Mount points at or below `path` in this process's mount namespace.
 pub fn mounts_under(path: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("reading /proc/self/mountinfo")?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     let base = canonical_or_self(path);
     Ok(parse_mountinfo_points(&text)
         .into_iter()
@@ -235,7 +230,10 @@ mod tests {
         let text = "36 35 98:0 /mnt1 /mnt\\040space rw,noatime master:1 - ext3 /dev/root rw\n\
                     37 35 0:5 / /proc rw - proc proc rw\n";
         let pts = parse_mountinfo_points(text);
-        assert_eq!(pts, vec![PathBuf::from("/mnt space"), PathBuf::from("/proc")]);
+        assert_eq!(
+            pts,
+            vec![PathBuf::from("/mnt space"), PathBuf::from("/proc")]
+        );
     }
 
     #[test]

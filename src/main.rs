@@ -1,1 +1,3 @@
-fn main() { std::process::exit(stemforge::cli::main()) }
+fn main() {
+    std::process::exit(stemforge::cli::main())
+}

@@ -63,7 +63,9 @@ pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
         progress::activity("apt-get purge");
         let mut argv = vec!["apt-get", "purge", "-y"];
         argv.extend(purge.iter().map(|s| s.as_str()));
-        chroot.run(&argv).context("purging packages the stages forbid")?;
+        chroot
+            .run(&argv)
+            .context("purging packages the stages forbid")?;
     }
 
     for stage in stages {
@@ -88,13 +90,25 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
         };
         let dest = t.resolve_with(&f.path, false)?;
         if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
-        if dest.symlink_metadata().map(|m| m.file_type().is_symlink()).unwrap_or(false) {
+        if dest
+            .symlink_metadata()
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false)
+        {
             std::fs::remove_file(&dest).with_context(|| format!("replacing symlink {}", f.path))?;
         }
         std::fs::write(&dest, &bytes).with_context(|| format!("writing {}", f.path))?;
-        set_owner_mode(&dest, &f.path, Some(f.mode), Some(&f.owner), Some(&f.group), users)?;
+        set_owner_mode(
+            &dest,
+            &f.path,
+            Some(f.mode),
+            Some(&f.owner),
+            Some(&f.group),
+            users,
+        )?;
         if f.path.starts_with("/etc/modprobe.d/") || f.path.starts_with("/etc/initramfs-tools/") {
             applied.initramfs_dirty = true;
         }
@@ -109,7 +123,14 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
             if host.symlink_metadata()?.file_type().is_symlink() {
                 continue;
             }
-            set_owner_mode(&host, &m, p.mode, p.owner.as_deref(), p.group.as_deref(), users)?;
+            set_owner_mode(
+                &host,
+                &m,
+                p.mode,
+                p.owner.as_deref(),
+                p.group.as_deref(),
+                users,
+            )?;
         }
     }
     if !stage.sysctl.is_empty() {
@@ -117,18 +138,18 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
         for (k, v) in &stage.sysctl {
             text.push_str(&format!("{k} = {v}\n"));
         }
-        write_config(&t, &format!("/etc/sysctl.d/60-stemforge-{}.conf", stage.name), &text)?;
+        write_config(
+            &t,
+            &format!("/etc/sysctl.d/60-stemforge-{}.conf", stage.name),
+            &text,
+        )?;
     }
-    if !stage.kernel_modules.disable.is_empty() {
-        let mut text = format!(
-            "# stemforge: stages/{}. `install ... /bin/false` refuses even explicit loads;\n# `blacklist` stops loading by alias.\n",
-            stage.dir_name
-        );
-        for m in &stage.kernel_modules.disable {
-            text.push_str(&format!("install {m} /bin/false\nblacklist {m}\n"));
+    if let Some((path, text)) = modprobe_config(stage) {
+        // The bootstrap seeded this file before the kernel was installed,
+        // so the initramfs already has it unless it changed since.
+        if write_config(&t, &path, &text)? {
+            applied.initramfs_dirty = true;
         }
-        write_config(&t, &format!("/etc/modprobe.d/stemforge-{}.conf", stage.name), &text)?;
-        applied.initramfs_dirty = true;
     }
     let s = &stage.services;
     if !s.enable.is_empty() {
@@ -158,14 +179,50 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
     Ok(())
 }
 
-fn write_config(t: &Target, path: &str, text: &str) -> Result<()> {
+/// Write a configuration file (mode 0644); whether its content changed.
+fn write_config(t: &Target, path: &str, text: &str) -> Result<bool> {
     let dest = t.resolve_with(path, false)?;
     if let Some(parent) = dest.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
+    let changed = std::fs::read(&dest)
+        .map(|old| old != text.as_bytes())
+        .unwrap_or(true);
     std::fs::write(&dest, text).with_context(|| format!("writing {path}"))?;
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644))
-        .with_context(|| format!("chmod {path}"))
+        .with_context(|| format!("chmod {path}"))?;
+    Ok(changed)
+}
+
+/// The modprobe.d file of a stage that disables kernel modules.
+pub fn modprobe_config(stage: &Stage) -> Option<(String, String)> {
+    if stage.kernel_modules.disable.is_empty() {
+        return None;
+    }
+    let mut text = format!(
+        "# stemforge: stages/{}. `install ... /bin/false` refuses even explicit loads;\n# `blacklist` stops loading by alias.\n",
+        stage.dir_name
+    );
+    for m in &stage.kernel_modules.disable {
+        text.push_str(&format!("install {m} /bin/false\nblacklist {m}\n"));
+    }
+    Some((
+        format!("/etc/modprobe.d/stemforge-{}.conf", stage.name),
+        text,
+    ))
+}
+
+/// Files the bootstrap places before any package installs, so the
+/// initramfs the kernel package builds already carries them: the
+/// initramfs-tools settings and the stages' modprobe.d files.
+pub fn seed_files(stages: &[&Stage]) -> Vec<(String, String)> {
+    let mut files = vec![(
+        "/etc/initramfs-tools/conf.d/stemforge.conf".to_string(),
+        crate::bootstrap::INITRAMFS_CONF.to_string(),
+    )];
+    files.extend(stages.iter().filter_map(|s| modprobe_config(s)));
+    files
 }
 
 fn set_owner_mode(
@@ -242,7 +299,8 @@ pub fn install_stemforge(
     }
     let rec = t.resolve_with(IMAGE_INFO, false)?;
     std::fs::create_dir_all(rec.parent().expect("has a parent"))?;
-    std::fs::write(&rec, serde_json::to_vec_pretty(info)?).with_context(|| format!("writing {IMAGE_INFO}"))?;
+    std::fs::write(&rec, serde_json::to_vec_pretty(info)?)
+        .with_context(|| format!("writing {IMAGE_INFO}"))?;
     Ok(())
 }
 
@@ -288,7 +346,9 @@ pub fn finalize(chroot: &Chroot, rebuild_initramfs: bool) -> Result<()> {
             .context("rebuilding the initramfs")?;
     }
     progress::activity("apt-get clean");
-    chroot.run(&["apt-get", "clean"]).context("cleaning the apt cache")?;
+    chroot
+        .run(&["apt-get", "clean"])
+        .context("cleaning the apt cache")?;
     chroot.allow_service_starts()?;
 
     let host = |p: &str| -> Result<PathBuf> { Ok(t.resolve_with(p, false)?) };
@@ -306,7 +366,8 @@ pub fn finalize(chroot: &Chroot, rebuild_initramfs: bool) -> Result<()> {
     let dbus_id = host("/var/lib/dbus/machine-id")?;
     if dbus_id.symlink_metadata().is_ok() {
         std::fs::remove_file(&dbus_id).context("removing /var/lib/dbus/machine-id")?;
-        std::os::unix::fs::symlink("/etc/machine-id", &dbus_id).context("linking /var/lib/dbus/machine-id")?;
+        std::os::unix::fs::symlink("/etc/machine-id", &dbus_id)
+            .context("linking /var/lib/dbus/machine-id")?;
     }
     let seed = host("/var/lib/systemd/random-seed")?;
     if seed.exists() {

@@ -75,15 +75,26 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
             } else {
                 known.iter().cloned().collect::<Vec<_>>().join(", ")
             };
-            return Err(ConfigError::new(file, format!("unknown role `{r}` (stages know: {known_list})"))
-                .with_line(line)
-                .with_key("roles")
-                .into());
+            return Err(ConfigError::new(
+                file,
+                format!("unknown role `{r}` (stages know: {known_list})"),
+            )
+            .with_line(line)
+            .with_key("roles")
+            .into());
         }
     }
     let name = o.name.clone().unwrap_or_else(|| profile.name.clone());
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        return Err(ConfigError::new("--name", format!("`{name}`: use letters, digits, '.', '_' and '-'")).into());
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(ConfigError::new(
+            "--name",
+            format!("`{name}`: use letters, digits, '.', '_' and '-'"),
+        )
+        .into());
     }
     let applicable = catalog.applicable(&profile.os.distro, &profile.os.codename, &profile.roles);
     let stages: Vec<String> = applicable.iter().map(|s| s.dir_name.clone()).collect();
@@ -99,7 +110,12 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         .flat_map(|s| s.packages.install.iter().cloned())
         .collect();
     let packages = profile.package_set(&stage_packages);
-    let spec = BootstrapSpec::new(&profile, o.mirror.as_deref(), packages);
+    let spec = BootstrapSpec::new(
+        &profile,
+        o.mirror.as_deref(),
+        packages,
+        osimage::seed_files(&applicable),
+    );
     let disk = disk::plan(&profile);
     let mut formats = o.formats.clone();
     formats.sort();
@@ -152,7 +168,11 @@ impl Plan {
             self.name,
             p.description,
             p.name,
-            p.sources.iter().map(|s| s.display().to_string()).collect::<Vec<_>>().join(" <- "),
+            p.sources
+                .iter()
+                .map(|s| s.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" <- "),
             p.os.distro,
             p.os.version,
             p.os.codename,
@@ -162,11 +182,19 @@ impl Plan {
         for src in &b.sources {
             s.push_str(&format!("  {}\n", src.deb_line(&b.keyring)));
         }
-        s.push_str(&format!("kernel      {}\npackages    {} in one apt run:\n", p.kernel, b.packages.len()));
+        s.push_str(&format!(
+            "kernel      {}\npackages    {} in one apt run:\n",
+            p.kernel,
+            b.packages.len()
+        ));
         s.push_str(&wrap(&b.packages.join(" "), 76, "  "));
         s.push_str(&format!(
             "roles       {}\nstages      {} applied, {} controls\n",
-            if p.roles.is_empty() { "none".to_string() } else { p.roles.join(", ") },
+            if p.roles.is_empty() {
+                "none".to_string()
+            } else {
+                p.roles.join(", ")
+            },
             self.stages.len(),
             self.controls
         ));
@@ -264,12 +292,21 @@ pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
     }
     for (tool, pkg) in tools {
         if exec::which(tool).is_none() {
-            problems.push(format!("{tool} not found: apt-get install {pkg} (`make deps` installs everything)"));
+            problems.push(format!(
+                "{tool} not found: apt-get install {pkg} (`make deps` installs everything)"
+            ));
         }
     }
     if !Path::new(&plan.bootstrap.keyring).is_file() {
-        let pkg = if plan.profile.os.distro == "ubuntu" { "ubuntu-keyring" } else { "debian-archive-keyring" };
-        problems.push(format!("keyring {} not found: apt-get install {pkg}", plan.bootstrap.keyring));
+        let pkg = if plan.profile.os.distro == "ubuntu" {
+            "ubuntu-keyring"
+        } else {
+            "debian-archive-keyring"
+        };
+        problems.push(format!(
+            "keyring {} not found: apt-get install {pkg}",
+            plan.bootstrap.keyring
+        ));
     }
     let need_out: u64 = 6 << 30;
     match fsutil::free_space(&o.out_dir) {
@@ -292,7 +329,9 @@ pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
         Err(e) => problems.push(format!("{e:#}")),
     }
     if plan.agent_static == Some(false) {
-        progress::warn("the scanner placed in the image is dynamically linked; it runs only where the image's glibc is at least the build host's");
+        progress::warn(
+            "the scanner placed in the image is dynamically linked; it runs only where the image's glibc is at least the build host's",
+        );
     }
     // The mirrors, all at once.
     let handles: Vec<_> = plan
@@ -304,7 +343,10 @@ pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
         .collect();
     let mut releases = Vec::new();
     for h in handles {
-        match h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("mirror check panicked"))) {
+        match h
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("mirror check panicked")))
+        {
             Ok(r) => releases.push(r),
             Err(e) => problems.push(format!("{e:#}")),
         }
@@ -341,7 +383,8 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     }
     let releases = steps.run("preflight", |_| preflight(o, &plan))?;
 
-    std::fs::create_dir_all(&o.out_dir).with_context(|| format!("creating {}", o.out_dir.display()))?;
+    std::fs::create_dir_all(&o.out_dir)
+        .with_context(|| format!("creating {}", o.out_dir.display()))?;
     let work_base = o.out_dir.join(".work");
     let _lock = Lock::acquire(&work_base.join(format!("{}.lock", plan.name)))?;
     let work = work_base.join(&plan.name);
@@ -358,7 +401,10 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     let summary = steps.summary_table();
     progress::info(&format!("\n{summary}"));
     let steps_json = serde_json::to_string_pretty(&steps.to_json())?;
-    fsutil::write_atomic(&o.out_dir.join(format!("{}.steps.json", plan.name)), steps_json.as_bytes())?;
+    fsutil::write_atomic(
+        &o.out_dir.join(format!("{}.steps.json", plan.name)),
+        steps_json.as_bytes(),
+    )?;
     progress::close_log_file();
     if result.is_ok() || !o.keep_work {
         if o.keep_work {
@@ -379,7 +425,13 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
 
 type StepsOutcome = (Vec<Artifact>, Report, Option<Verdict>);
 
-fn run_steps(o: &BuildOptions, plan: &Plan, releases: &[Vec<u8>], work: &Path, steps: &mut Steps) -> Result<StepsOutcome> {
+fn run_steps(
+    o: &BuildOptions,
+    plan: &Plan,
+    releases: &[Vec<u8>],
+    work: &Path,
+    steps: &mut Steps,
+) -> Result<StepsOutcome> {
     let cache = Cache::new(&o.cache_dir);
     let tree = work.join("rootfs");
     let base = steps.run("bootstrap", |s| {
@@ -406,7 +458,13 @@ fn run_steps(o: &BuildOptions, plan: &Plan, releases: &[Vec<u8>], work: &Path, s
             StageSource::Dir(d) => Some(d.as_path()),
             StageSource::Embedded => None,
         };
-        osimage::install_stemforge(&tree, &plan.agent_binary, catalog_dir, &verify::agent_files(), &info)?;
+        osimage::install_stemforge(
+            &tree,
+            &plan.agent_binary,
+            catalog_dir,
+            &verify::agent_files(),
+            &info,
+        )?;
         osimage::finalize(&chroot, applied.initramfs_dirty)?;
         s.note(format!("{} stages", applied.stages.len()));
         Ok(chroot)
@@ -437,13 +495,27 @@ fn run_steps(o: &BuildOptions, plan: &Plan, releases: &[Vec<u8>], work: &Path, s
         let failing: Vec<String> = offline
             .results
             .iter()
-            .filter(|r| matches!(r.status, scan::outcome::Status::Fail | scan::outcome::Status::Error))
-            .map(|r| format!("  {} {}: {}", r.status.as_str().to_uppercase(), r.id, r.evidence.join("; ")))
+            .filter(|r| {
+                matches!(
+                    r.status,
+                    scan::outcome::Status::Fail | scan::outcome::Status::Error
+                )
+            })
+            .map(|r| {
+                format!(
+                    "  {} {}: {}",
+                    r.status.as_str().to_uppercase(),
+                    r.id,
+                    r.evidence.join("; ")
+                )
+            })
             .collect();
         progress::info(&format!(
             "the image fails {} of its own controls (report: {}):\n{}",
             failing.len(),
-            o.out_dir.join(format!("{}.offline-scan.json", plan.name)).display(),
+            o.out_dir
+                .join(format!("{}.offline-scan.json", plan.name))
+                .display(),
             failing.join("\n")
         ));
         return Ok((Vec::new(), offline, None));
@@ -452,7 +524,11 @@ fn run_steps(o: &BuildOptions, plan: &Plan, releases: &[Vec<u8>], work: &Path, s
     steps.run("raw", |s| {
         fsutil::commit(&raw_partial, &raw)?;
         let a = Artifact::of(Format::Raw, &raw)?;
-        s.note(format!("{} virtual, {} on disk", format_size(a.size), format_size(a.disk_usage)));
+        s.note(format!(
+            "{} virtual, {} on disk",
+            format_size(a.size),
+            format_size(a.disk_usage)
+        ));
         if plan.formats.contains(&Format::Raw) {
             artifacts.push(a);
         }
@@ -543,7 +619,11 @@ mod tests {
             assert!(p.bootstrap.packages.contains(&"openssh-server".to_string()));
             assert!(p.bootstrap.packages.contains(&"auditd".to_string()));
             assert!(p.controls >= 40);
-            assert!(p.outputs.iter().any(|o| o.ends_with(format!("{name}.qcow2"))));
+            assert!(
+                p.outputs
+                    .iter()
+                    .any(|o| o.ends_with(format!("{name}.qcow2")))
+            );
         }
     }
 
@@ -552,8 +632,14 @@ mod tests {
         let mut o = opts("ubuntu-noble");
         o.mirror = Some("http://mirror.internal/ubuntu".into());
         let p = plan(&o).unwrap();
-        assert_eq!(p.bootstrap.sources[0].mirror, "http://mirror.internal/ubuntu");
-        assert!(p.render().contains("http://mirror.internal/ubuntu noble-updates main universe"));
+        assert_eq!(
+            p.bootstrap.sources[0].mirror,
+            "http://mirror.internal/ubuntu"
+        );
+        assert!(
+            p.render()
+                .contains("http://mirror.internal/ubuntu noble-updates main universe")
+        );
     }
 
     #[test]

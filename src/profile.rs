@@ -325,13 +325,17 @@ pub fn load(name_or_path: &str, source: &ProfileSource) -> Result<Profile, Confi
 /// Checks one file can make on its own values (formats, names, paths).
 fn check_file(l: &Loaded) -> Result<(), ConfigError> {
     let f = &l.file;
-    let err = |key: &str, needle: &str, msg: String| ConfigError::at(&l.path, &l.text, key, needle, msg);
+    let err =
+        |key: &str, needle: &str, msg: String| ConfigError::at(&l.path, &l.text, key, needle, msg);
     if let Some(os) = &f.os {
         if !["debian", "ubuntu"].contains(&os.distro.as_str()) {
             return Err(err(
                 "os.distro",
                 "distro:",
-                format!("unsupported distro `{}` (supported: debian, ubuntu)", os.distro),
+                format!(
+                    "unsupported distro `{}` (supported: debian, ubuntu)",
+                    os.distro
+                ),
             ));
         }
     }
@@ -356,17 +360,29 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
         }
         if let Some(k) = &b.keyring {
             if !k.starts_with('/') {
-                return Err(err("bootstrap.keyring", "keyring:", format!("keyring `{k}` must be an absolute path")));
+                return Err(err(
+                    "bootstrap.keyring",
+                    "keyring:",
+                    format!("keyring `{k}` must be an absolute path"),
+                ));
             }
         }
         if let Some(v) = &b.variant {
             if !["minbase", "apt", "required", "important", "standard"].contains(&v.as_str()) {
-                return Err(err("bootstrap.variant", "variant:", format!("unknown variant `{v}`")));
+                return Err(err(
+                    "bootstrap.variant",
+                    "variant:",
+                    format!("unknown variant `{v}`"),
+                ));
             }
         }
         if let Some(s) = &b.suites {
             if s.is_empty() {
-                return Err(err("bootstrap.suites", "suites:", "at least one suite is needed".into()));
+                return Err(err(
+                    "bootstrap.suites",
+                    "suites:",
+                    "at least one suite is needed".into(),
+                ));
             }
         }
     }
@@ -375,10 +391,18 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
         let mut seen = BTreeSet::new();
         for p in pkgs {
             if !re.is_match(p) {
-                return Err(err("packages", &regex::escape(p), format!("`{p}` is not a valid package name")));
+                return Err(err(
+                    "packages",
+                    &regex::escape(p),
+                    format!("`{p}` is not a valid package name"),
+                ));
             }
             if !seen.insert(p) {
-                return Err(err("packages", &regex::escape(p), format!("package `{p}` is listed twice")));
+                return Err(err(
+                    "packages",
+                    &regex::escape(p),
+                    format!("package `{p}` is listed twice"),
+                ));
             }
         }
     }
@@ -390,7 +414,8 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
             let key = format!("disk.partitions[{i}]");
             let at = format!(r"mount:\s*{}\s*(,|\}}|$)", regex::escape(&p.mount));
             check_mount_path(&p.mount).map_err(|m| err(&format!("{key}.mount"), &at, m))?;
-            let size = parse_size(&p.size.as_text()).map_err(|m| err(&format!("{key}.size"), &at, m))?;
+            let size =
+                parse_size(&p.size.as_text()).map_err(|m| err(&format!("{key}.size"), &at, m))?;
             let min: u64 = match p.fs {
                 FsType::Vfat => 64 << 20,
                 FsType::Ext4 => 16 << 20,
@@ -410,8 +435,17 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
             }
             check_options(&p.options).map_err(|m| err(&format!("{key}.options"), &at, m))?;
             if let Some(label) = &p.label {
-                if label.is_empty() || label.len() > 11 || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                    return Err(err(&format!("{key}.label"), &at, format!("label `{label}` must be 1-11 characters of A-Z, a-z, 0-9, - or _")));
+                if label.is_empty()
+                    || label.len() > 11
+                    || !label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(err(
+                        &format!("{key}.label"),
+                        &at,
+                        format!("label `{label}` must be 1-11 characters of A-Z, a-z, 0-9, - or _"),
+                    ));
                 }
             }
         }
@@ -438,7 +472,11 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
     if let Some(b) = &f.boot {
         for arg in b.cmdline.iter().flatten() {
             if arg.is_empty() || arg.contains(char::is_whitespace) {
-                return Err(err("boot.cmdline", "cmdline:", format!("kernel argument {arg:?} must be one word")));
+                return Err(err(
+                    "boot.cmdline",
+                    "cmdline:",
+                    format!("kernel argument {arg:?} must be one word"),
+                ));
             }
         }
     }
@@ -460,13 +498,42 @@ fn check_mount_path(m: &str) -> Result<(), String> {
 
 /// Mount options stemforge knows; a typo such as `nosiud` is an error.
 const KNOWN_OPTIONS: &[&str] = &[
-    "defaults", "ro", "rw", "nodev", "nosuid", "noexec", "dev", "suid", "exec", "noatime",
-    "relatime", "nodiratime", "strictatime", "lazytime", "discard", "nofail", "noauto", "sync",
-    "async", "bind", "rbind", "x-systemd.growfs",
+    "defaults",
+    "ro",
+    "rw",
+    "nodev",
+    "nosuid",
+    "noexec",
+    "dev",
+    "suid",
+    "exec",
+    "noatime",
+    "relatime",
+    "nodiratime",
+    "strictatime",
+    "lazytime",
+    "discard",
+    "nofail",
+    "noauto",
+    "sync",
+    "async",
+    "bind",
+    "rbind",
+    "x-systemd.growfs",
 ];
 const KNOWN_VALUE_OPTIONS: &[&str] = &[
-    "errors", "umask", "fmask", "dmask", "mode", "size", "nr_inodes", "commit", "shortname",
-    "uid", "gid", "x-systemd.device-timeout",
+    "errors",
+    "umask",
+    "fmask",
+    "dmask",
+    "mode",
+    "size",
+    "nr_inodes",
+    "commit",
+    "shortname",
+    "uid",
+    "gid",
+    "x-systemd.device-timeout",
 ];
 
 fn check_options(opts: &[String]) -> Result<(), String> {
@@ -499,14 +566,12 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
                 .find_map(|l| l.file.bootstrap.as_ref().and_then(|b| b.$field.clone()))
         };
     }
-    let missing = |key: &str| {
-        ConfigError {
-            file: child.path.clone(),
-            line: None,
-            column: None,
-            key: Some(key.to_string()),
-            message: "missing key (set it here or in the profile this one extends)".to_string(),
-        }
+    let missing = |key: &str| ConfigError {
+        file: child.path.clone(),
+        line: None,
+        column: None,
+        key: Some(key.to_string()),
+        message: "missing key (set it here or in the profile this one extends)".to_string(),
     };
     let name = pick!(name).ok_or_else(|| missing("name"))?;
     let os: OsInfo = pick!(os).ok_or_else(|| missing("os"))?;
@@ -525,7 +590,12 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
     if bootstrap.suites[0] != os.codename {
         let l = chain
             .iter()
-            .find(|l| l.file.bootstrap.as_ref().is_some_and(|b| b.suites.is_some()))
+            .find(|l| {
+                l.file
+                    .bootstrap
+                    .as_ref()
+                    .is_some_and(|b| b.suites.is_some())
+            })
             .unwrap_or(child);
         return Err(ConfigError::at(
             &l.path,
@@ -542,7 +612,12 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
         if !bootstrap.suites.contains(s) {
             let l = chain
                 .iter()
-                .find(|l| l.file.bootstrap.as_ref().is_some_and(|b| b.suite_mirrors.is_some()))
+                .find(|l| {
+                    l.file
+                        .bootstrap
+                        .as_ref()
+                        .is_some_and(|b| b.suite_mirrors.is_some())
+                })
                 .unwrap_or(child);
             return Err(ConfigError::at(
                 &l.path,
@@ -591,7 +666,9 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
 
 fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
     let d = owner.file.disk.as_ref().expect("owner has disk");
-    let at = |key: &str, needle: &str, msg: String| ConfigError::at(&owner.path, &owner.text, key, needle, msg);
+    let at = |key: &str, needle: &str, msg: String| {
+        ConfigError::at(&owner.path, &owner.text, key, needle, msg)
+    };
     let mut partitions = Vec::new();
     let mut seen = BTreeSet::new();
     for (i, p) in d.partitions.iter().flatten().enumerate() {
@@ -599,9 +676,12 @@ fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
         if !seen.insert(p.mount.clone()) {
             let first = locate(&owner.text, &needle, 1).unwrap_or(1);
             let line = locate(&owner.text, &needle, first + 1);
-            return Err(ConfigError::new(&owner.path, format!("mount point {} appears twice", p.mount))
-                .with_line(line)
-                .with_key(format!("disk.partitions[{i}].mount")));
+            return Err(ConfigError::new(
+                &owner.path,
+                format!("mount point {} appears twice", p.mount),
+            )
+            .with_line(line)
+            .with_key(format!("disk.partitions[{i}].mount")));
         }
         let size = parse_size(&p.size.as_text()).expect("checked per file");
         let label = p.label.clone().unwrap_or_else(|| default_label(&p.mount));
@@ -615,11 +695,22 @@ fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
     }
     let roots = partitions.iter().filter(|p| p.mount == "/").count();
     if roots != 1 {
-        return Err(at("disk.partitions", "partitions:", format!("exactly one partition must be mounted at / (found {roots})")));
+        return Err(at(
+            "disk.partitions",
+            "partitions:",
+            format!("exactly one partition must be mounted at / (found {roots})"),
+        ));
     }
-    let root = partitions.iter().find(|p| p.mount == "/").expect("one root");
+    let root = partitions
+        .iter()
+        .find(|p| p.mount == "/")
+        .expect("one root");
     if root.fs != FsType::Ext4 {
-        return Err(at("disk.partitions", r"mount:\s*/\s*[,}]", "the / partition must be ext4".into()));
+        return Err(at(
+            "disk.partitions",
+            r"mount:\s*/\s*[,}]",
+            "the / partition must be ext4".into(),
+        ));
     }
     let esps: Vec<&Partition> = partitions.iter().filter(|p| p.fs == FsType::Vfat).collect();
     if esps.len() != 1 || esps[0].mount != "/boot/efi" {
@@ -632,13 +723,25 @@ fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
     let mut labels = BTreeSet::new();
     for p in &partitions {
         if !labels.insert(p.label.clone()) {
-            return Err(at("disk.partitions", &regex::escape(&p.label), format!("label `{}` is used twice", p.label)));
+            return Err(at(
+                "disk.partitions",
+                &regex::escape(&p.label),
+                format!("label `{}` is used twice", p.label),
+            ));
         }
     }
-    let needed: u64 = partitions.iter().map(|p| p.size.div_ceil(1 << 20) * (1 << 20)).sum::<u64>() + GPT_OVERHEAD;
-    let size_text = chain
+    let needed: u64 = partitions
         .iter()
-        .find_map(|l| l.file.disk.as_ref().and_then(|d| d.size.clone()).map(|s| (l, s)));
+        .map(|p| p.size.div_ceil(1 << 20) * (1 << 20))
+        .sum::<u64>()
+        + GPT_OVERHEAD;
+    let size_text = chain.iter().find_map(|l| {
+        l.file
+            .disk
+            .as_ref()
+            .and_then(|d| d.size.clone())
+            .map(|s| (l, s))
+    });
     let size = match size_text {
         Some((l, s)) => {
             let size = parse_size(&s.as_text()).expect("checked per file");
@@ -660,9 +763,13 @@ fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
         None => needed,
     };
     let mut mounts = Vec::new();
-    let mounts_file = chain
-        .iter()
-        .find_map(|l| l.file.disk.as_ref().and_then(|d| d.mounts.clone()).map(|m| (l, m)));
+    let mounts_file = chain.iter().find_map(|l| {
+        l.file
+            .disk
+            .as_ref()
+            .and_then(|d| d.mounts.clone())
+            .map(|m| (l, m))
+    });
     if let Some((l, ms)) = mounts_file {
         for (i, m) in ms.iter().enumerate() {
             if !seen.insert(m.mount.clone()) {
@@ -675,7 +782,9 @@ fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
                 ));
             }
             let kind = match &m.bind {
-                Some(src) => ExtraMountKind::Bind { source: src.clone() },
+                Some(src) => ExtraMountKind::Bind {
+                    source: src.clone(),
+                },
                 None => ExtraMountKind::Tmpfs,
             };
             mounts.push(ExtraMount {
@@ -707,7 +816,10 @@ fn default_label(mount: &str) -> String {
 impl Profile {
     /// The full package set the bootstrap installs: kernel, profile
     /// packages and what the given stages install, sorted, unique.
-    pub fn package_set<'a>(&self, stage_packages: impl IntoIterator<Item = &'a String>) -> Vec<String> {
+    pub fn package_set<'a>(
+        &self,
+        stage_packages: impl IntoIterator<Item = &'a String>,
+    ) -> Vec<String> {
         let mut set: BTreeSet<String> = self.packages.iter().cloned().collect();
         set.insert(self.kernel.clone());
         set.extend(stage_packages.into_iter().cloned());
@@ -772,19 +884,33 @@ disk:
 
     #[test]
     fn ubuntu_profiles_point_at_the_ubuntu_archive() {
-        for (n, codename, version) in [("ubuntu-noble", "noble", "24.04"), ("ubuntu-jammy", "jammy", "22.04")] {
+        for (n, codename, version) in [
+            ("ubuntu-noble", "noble", "24.04"),
+            ("ubuntu-jammy", "jammy", "22.04"),
+        ] {
             let p = load(n, &ProfileSource::Embedded).unwrap();
             assert_eq!(p.os.distro, "ubuntu");
             assert_eq!(p.os.codename, codename);
             assert_eq!(p.os.version, version);
-            assert!(p.bootstrap.mirror.contains("ubuntu"), "{}", p.bootstrap.mirror);
+            assert!(
+                p.bootstrap.mirror.contains("ubuntu"),
+                "{}",
+                p.bootstrap.mirror
+            );
             assert_eq!(
                 p.bootstrap.suites,
-                vec![codename.to_string(), format!("{codename}-updates"), format!("{codename}-security")]
+                vec![
+                    codename.to_string(),
+                    format!("{codename}-updates"),
+                    format!("{codename}-security")
+                ]
             );
             assert!(p.bootstrap.components.contains(&"main".to_string()));
             assert!(p.bootstrap.components.contains(&"universe".to_string()));
-            assert_eq!(p.bootstrap.keyring, "/usr/share/keyrings/ubuntu-archive-keyring.gpg");
+            assert_eq!(
+                p.bootstrap.keyring,
+                "/usr/share/keyrings/ubuntu-archive-keyring.gpg"
+            );
             assert_eq!(p.kernel, "linux-image-virtual");
         }
         // jammy's systemd still carries resolved; noble splits it out.
@@ -800,10 +926,21 @@ disk:
         let p = write(d.path(), "t.yml", GOOD);
         let prof = load(p.to_str().unwrap(), &ProfileSource::Embedded).unwrap();
         assert_eq!(prof.disk.size, 3 << 30);
-        assert_eq!(prof.bootstrap.mirror_for("bookworm-security"), "http://deb.debian.org/debian-security");
-        assert_eq!(prof.bootstrap.mirror_for("bookworm"), "http://deb.debian.org/debian");
+        assert_eq!(
+            prof.bootstrap.mirror_for("bookworm-security"),
+            "http://deb.debian.org/debian-security"
+        );
+        assert_eq!(
+            prof.bootstrap.mirror_for("bookworm"),
+            "http://deb.debian.org/debian"
+        );
         assert_eq!(prof.disk.partitions[2].label, "tmp");
-        assert_eq!(prof.disk.mounts[1].kind, ExtraMountKind::Bind { source: "/tmp".into() });
+        assert_eq!(
+            prof.disk.mounts[1].kind,
+            ExtraMountKind::Bind {
+                source: "/tmp".into()
+            }
+        );
         assert_eq!(prof.root_partition().label, "root");
     }
 
@@ -830,7 +967,10 @@ disk:
 
     #[test]
     fn typo_in_mount_option_is_caught() {
-        let e = err_of(&GOOD.replace("nodev, nosuid, noexec] }\n  mounts", "nodev, nosiud, noexec] }\n  mounts"));
+        let e = err_of(&GOOD.replace(
+            "nodev, nosuid, noexec] }\n  mounts",
+            "nodev, nosiud, noexec] }\n  mounts",
+        ));
         assert!(e.message.contains("nosiud"), "{e}");
         assert_eq!(e.line, Some(17));
     }

@@ -259,8 +259,9 @@ impl StageSource {
                 }
             }
             StageSource::Dir(root) => {
-                let rd = std::fs::read_dir(root)
-                    .map_err(|e| ConfigError::new(root, format!("cannot read stage directory: {e}")))?;
+                let rd = std::fs::read_dir(root).map_err(|e| {
+                    ConfigError::new(root, format!("cannot read stage directory: {e}"))
+                })?;
                 for entry in rd.flatten() {
                     let p = entry.path();
                     if !p.is_dir() {
@@ -303,7 +304,11 @@ fn collect_dir(dir: &Path, base: &Path, out: &mut DirFiles) -> std::io::Result<(
         if p.is_dir() {
             collect_dir(&p, base, out)?;
         } else {
-            let rel = p.strip_prefix(base).unwrap_or(&p).to_string_lossy().into_owned();
+            let rel = p
+                .strip_prefix(base)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .into_owned();
             out.push((rel, std::fs::read(&p)?));
         }
     }
@@ -343,13 +348,19 @@ impl Catalog {
                     &text,
                     "name",
                     r"^name:",
-                    format!("name `{}` must match the directory name `{dir_stage_name}`", file.name),
+                    format!(
+                        "name `{}` must match the directory name `{dir_stage_name}`",
+                        file.name
+                    ),
                 ));
             }
             if let Some(prev) = stages.iter().find(|s| s.order == order) {
                 return Err(ConfigError::new(
                     &yml,
-                    format!("stage number {order:02} is already used by {}", prev.dir_name),
+                    format!(
+                        "stage number {order:02} is already used by {}",
+                        prev.dir_name
+                    ),
                 ));
             }
             let assets: BTreeMap<String, Vec<u8>> = files
@@ -368,7 +379,11 @@ impl Catalog {
                     let text = &texts[&s.dir_name];
                     let needle = format!(r"^\s*-?\s*id:\s*{}\s*$", regex::escape(&c.id));
                     let lines = locate_all(text, &needle);
-                    let line = if first == s.dir_name { lines.get(1) } else { lines.first() };
+                    let line = if first == s.dir_name {
+                        lines.get(1)
+                    } else {
+                        lines.first()
+                    };
                     return Err(ConfigError::new(
                         source.display(&s.dir_name, "stage.yml"),
                         format!("control id `{}` is already used in stages/{first}", c.id),
@@ -418,7 +433,11 @@ fn build_stage(
     let pkg_re = regex::Regex::new(r"^[a-z0-9][a-z0-9+.-]+$").expect("static regex");
     for p in file.packages.install.iter().chain(&file.packages.purge) {
         if !pkg_re.is_match(p) {
-            return Err(err("packages", &regex::escape(p), format!("`{p}` is not a valid package name")));
+            return Err(err(
+                "packages",
+                &regex::escape(p),
+                format!("`{p}` is not a valid package name"),
+            ));
         }
     }
     let mut actions = Vec::new();
@@ -426,7 +445,11 @@ fn build_stage(
         let key = format!("files[{i}]");
         let at = format!(r"path:\s*{}", regex::escape(&f.path));
         if !f.path.starts_with('/') || f.path.ends_with('/') {
-            return Err(err(&format!("{key}.path"), &at, format!("`{}` must be an absolute file path", f.path)));
+            return Err(err(
+                &format!("{key}.path"),
+                &at,
+                format!("`{}` must be an absolute file path", f.path),
+            ));
         }
         match (&f.source, &f.content) {
             (Some(src), None) => {
@@ -440,7 +463,11 @@ fn build_stage(
             }
             (None, Some(_)) => {}
             _ => {
-                return Err(err(&key, &at, "give exactly one of `source` and `content`".into()));
+                return Err(err(
+                    &key,
+                    &at,
+                    "give exactly one of `source` and `content`".into(),
+                ));
             }
         }
         let mode = crate::scan::kinds::file::parse_mode(&f.mode)
@@ -457,10 +484,18 @@ fn build_stage(
     for (i, p) in file.permissions.iter().enumerate() {
         let at = format!(r"path:\s*{}", regex::escape(&p.path));
         if !p.path.starts_with('/') {
-            return Err(err(&format!("permissions[{i}].path"), &at, format!("`{}` must be absolute", p.path)));
+            return Err(err(
+                &format!("permissions[{i}].path"),
+                &at,
+                format!("`{}` must be absolute", p.path),
+            ));
         }
         if p.mode.is_none() && p.owner.is_none() && p.group.is_none() {
-            return Err(err(&format!("permissions[{i}]"), &at, "give `mode`, `owner` or `group`".into()));
+            return Err(err(
+                &format!("permissions[{i}]"),
+                &at,
+                "give `mode`, `owner` or `group`".into(),
+            ));
         }
     }
     let mut sysctl = Vec::new();
@@ -471,11 +506,23 @@ fn build_stage(
             serde_yaml::Value::Number(n) => n.to_string(),
             serde_yaml::Value::Bool(b) => b.to_string(),
             _ => {
-                return Err(err("sysctl", &regex::escape(&key), format!("sysctl `{key}` needs a scalar value")));
+                return Err(err(
+                    "sysctl",
+                    &regex::escape(&key),
+                    format!("sysctl `{key}` needs a scalar value"),
+                ));
             }
         };
-        if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || "._-*".contains(c)) {
-            return Err(err("sysctl", "sysctl:", format!("`{key}` is not a sysctl key")));
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-*".contains(c))
+        {
+            return Err(err(
+                "sysctl",
+                "sysctl:",
+                format!("`{key}` is not a sysctl key"),
+            ));
         }
         sysctl.push((key, value));
     }
@@ -488,12 +535,23 @@ fn build_stage(
         .chain(&file.services.mask)
     {
         if !unit_re.is_match(u) {
-            return Err(err("services", &regex::escape(u), format!("`{u}` is not a unit name")));
+            return Err(err(
+                "services",
+                &regex::escape(u),
+                format!("`{u}` is not a unit name"),
+            ));
         }
     }
     for m in &file.kernel_modules.disable {
-        if !m.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
-            return Err(err("kernel_modules.disable", &regex::escape(m), format!("`{m}` is not a module name")));
+        if !m
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(err(
+                "kernel_modules.disable",
+                &regex::escape(m),
+                format!("`{m}` is not a module name"),
+            ));
         }
     }
     let script = match &file.script {
@@ -502,7 +560,13 @@ fn build_stage(
                 .iter()
                 .find(|(n, _)| n == name)
                 .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
-                .ok_or_else(|| err("script", r"^script:", format!("`{name}` not found in stages/{dir}/")))?;
+                .ok_or_else(|| {
+                    err(
+                        "script",
+                        r"^script:",
+                        format!("`{name}` not found in stages/{dir}/"),
+                    )
+                })?;
             Some((name.clone(), body))
         }
         None => None,
@@ -522,14 +586,20 @@ fn build_stage(
                 .with_key(format!("controls[{i}].{key}"))
         };
         if !id_re.is_match(&c.id) {
-            return Err(cerr("id", format!("`{}`: ids are lowercase words joined by dashes", c.id)));
+            return Err(cerr(
+                "id",
+                format!("`{}`: ids are lowercase words joined by dashes", c.id),
+            ));
         }
         if c.title.trim().is_empty() {
             return Err(cerr("title", "a control needs a title".into()));
         }
         for (kind, ids) in &c.refs {
             if !["faq", "stig", "cis", "srg", "cce", "nist"].contains(&kind.as_str()) {
-                return Err(cerr("refs", format!("unknown reference kind `{kind}` (faq, stig, cis, srg, cce, nist)")));
+                return Err(cerr(
+                    "refs",
+                    format!("unknown reference kind `{kind}` (faq, stig, cis, srg, cce, nist)"),
+                ));
             }
             if ids.is_empty() {
                 return Err(cerr("refs", format!("`{kind}` lists no references")));
@@ -630,7 +700,10 @@ mod tests {
 
     #[test]
     fn unknown_key_and_unknown_kind_name_file_and_line() {
-        let e = load_err("10-demo", &OK.replace("severity: low", "severity: low\n    sevrity: low"));
+        let e = load_err(
+            "10-demo",
+            &OK.replace("severity: low", "severity: low\n    sevrity: low"),
+        );
         assert_eq!(e.key.as_deref(), Some("controls[0].sevrity"));
         assert_eq!(e.line, Some(9));
         assert!(e.file.ends_with("10-demo/stage.yml"));
@@ -651,28 +724,46 @@ mod tests {
 
     #[test]
     fn semantic_errors() {
-        let e = load_err("10-demo", &OK.replace("mode: \"0600\" }\ncontrols", "mode: \"0800\" }\ncontrols"));
+        let e = load_err(
+            "10-demo",
+            &OK.replace("mode: \"0600\" }\ncontrols", "mode: \"0800\" }\ncontrols"),
+        );
         assert_eq!(e.key.as_deref(), Some("files[0].mode"));
         assert_eq!(e.line, Some(4));
-        let e = load_err("10-demo", &OK.replace("content: \"x\\n\"", "source: nope.conf"));
+        let e = load_err(
+            "10-demo",
+            &OK.replace("content: \"x\\n\"", "source: nope.conf"),
+        );
         assert!(e.message.contains("nope.conf"), "{e}");
-        let e = load_err("10-demo", &OK.replace("mode: \"0600\" } }", "mode: \"0600\", matches: ['('] } }"));
+        let e = load_err(
+            "10-demo",
+            &OK.replace("mode: \"0600\" } }", "mode: \"0600\", matches: ['('] } }"),
+        );
         assert!(e.message.contains("invalid regex"), "{e}");
         assert_eq!(e.line, Some(6));
         let e = load_err("10-demo", &OK.replace("name: demo", "name: other"));
         assert!(e.message.contains("must match the directory"), "{e}");
         let e = load_err("1-demo", OK);
         assert!(e.message.contains("NN-name"), "{e}");
-        let e = load_err("10-demo", &OK.replace("faq: [\"4.10.1\"]", "faqs: [\"4.10.1\"]"));
+        let e = load_err(
+            "10-demo",
+            &OK.replace("faq: [\"4.10.1\"]", "faqs: [\"4.10.1\"]"),
+        );
         assert!(e.message.contains("unknown reference kind"), "{e}");
     }
 
     #[test]
     fn when_matching() {
-        let w = When { roles: vec!["docker".into()], os: vec![] };
+        let w = When {
+            roles: vec!["docker".into()],
+            os: vec![],
+        };
         assert!(!w.matches("debian", "bookworm", &[]));
         assert!(w.matches("debian", "bookworm", &["docker".into()]));
-        let w = When { roles: vec![], os: vec!["ubuntu".into()] };
+        let w = When {
+            roles: vec![],
+            os: vec!["ubuntu".into()],
+        };
         assert!(!w.matches("debian", "bookworm", &[]));
         assert!(w.matches("ubuntu", "noble", &[]));
         assert!(When::default().matches("x", "y", &[]));

@@ -116,7 +116,11 @@ pub fn find_firmware(def: &VmDef, given: Option<&str>, cache: &Path) -> Result<F
                 bail!("--firmware: {} does not exist", f.display());
             }
         }
-        return Ok(Firmware { code, vars, source: "--firmware".into() });
+        return Ok(Firmware {
+            code,
+            vars,
+            source: "--firmware".into(),
+        });
     }
     if let Some(fw) = from_descriptors(&def.firmware.descriptors) {
         return Ok(fw);
@@ -145,7 +149,11 @@ pub fn find_firmware(def: &VmDef, given: Option<&str>, cache: &Path) -> Result<F
 }
 
 fn guess_vars(code: &Path) -> Option<PathBuf> {
-    let name = code.file_name()?.to_string_lossy().replace("CODE", "VARS").replace("code", "vars");
+    let name = code
+        .file_name()?
+        .to_string_lossy()
+        .replace("CODE", "VARS")
+        .replace("code", "vars");
     let v = code.with_file_name(name);
     v.is_file().then_some(v)
 }
@@ -193,14 +201,26 @@ fn from_descriptors(dirs: &[String]) -> Option<Firmware> {
         .collect();
     files.sort_by_key(|p| p.file_name().map(|n| n.to_os_string()));
     for f in files {
-        let Ok(text) = std::fs::read_to_string(&f) else { continue };
-        let Ok(d) = serde_json::from_str::<Descriptor>(&text) else { continue };
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        let Ok(d) = serde_json::from_str::<Descriptor>(&text) else {
+            continue;
+        };
         let Some(m) = d.mapping else { continue };
         let x86_q35 = d.targets.iter().any(|t| {
             t.architecture == "x86_64"
-                && t.machines.iter().any(|m| crate::scan::target::wildcard_match(m, "pc-q35-9.0"))
+                && t.machines
+                    .iter()
+                    .any(|m| crate::scan::target::wildcard_match(m, "pc-q35-9.0"))
         });
-        let blocked = ["secure-boot", "requires-smm", "enrolled-keys", "amd-sev-es", "intel-tdx"];
+        let blocked = [
+            "secure-boot",
+            "requires-smm",
+            "enrolled-keys",
+            "amd-sev-es",
+            "intel-tdx",
+        ];
         if !d.interface_types.iter().any(|i| i == "uefi")
             || m.device != "flash"
             || !x86_q35
@@ -208,7 +228,9 @@ fn from_descriptors(dirs: &[String]) -> Option<Firmware> {
         {
             continue;
         }
-        let (Some(code), Some(vars)) = (m.executable, m.nvram_template) else { continue };
+        let (Some(code), Some(vars)) = (m.executable, m.nvram_template) else {
+            continue;
+        };
         if Path::new(&code.filename).is_file() && Path::new(&vars.filename).is_file() {
             return Some(Firmware {
                 code: code.filename.into(),
@@ -237,7 +259,11 @@ pub fn choose_accel(want: Accel, fw: &Firmware, def: &VmDef, scratch: &Path) -> 
         Accel::Tcg => (Accel::Tcg, "TCG (requested)".into()),
         Accel::Kvm => (Accel::Kvm, "KVM (requested)".into()),
         Accel::Auto => {
-            let usable = std::fs::File::options().read(true).write(true).open("/dev/kvm").is_ok();
+            let usable = std::fs::File::options()
+                .read(true)
+                .write(true)
+                .open("/dev/kvm")
+                .is_ok();
             if !usable {
                 return (Accel::Tcg, "TCG (/dev/kvm is not available)".into());
             }
@@ -257,17 +283,35 @@ fn probe_kvm(fw: &Firmware, def: &VmDef, scratch: &Path) -> std::result::Result<
     let errlog = scratch.join("probe-stderr.log");
     std::fs::copy(&fw.vars, &vars).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_file(&serial);
-    let run = cmd(qemu_binary(), ["-nodefaults", "-no-user-config", "-display", "none", "-accel", "kvm", "-m", "256"])
-        .arg("-machine")
-        .arg(&def.machine)
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", fw.code.display()))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
-        .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .spawn(&scratch.join("probe-stdout.log"), &errlog)
-        .map_err(|e| format!("{e:#}"))?;
+    let run = cmd(
+        qemu_binary(),
+        [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-accel",
+            "kvm",
+            "-m",
+            "256",
+        ],
+    )
+    .arg("-machine")
+    .arg(&def.machine)
+    .arg("-drive")
+    .arg(format!(
+        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+        fw.code.display()
+    ))
+    .arg("-drive")
+    .arg(format!(
+        "if=pflash,format=raw,unit=1,file={}",
+        vars.display()
+    ))
+    .arg("-serial")
+    .arg(format!("file:{}", serial.display()))
+    .spawn(&scratch.join("probe-stdout.log"), &errlog)
+    .map_err(|e| format!("{e:#}"))?;
     let deadline = Instant::now() + Duration::from_secs(def.timeouts.kvm_probe);
     let result = loop {
         if serial.metadata().map(|m| m.len() > 0).unwrap_or(false) {
@@ -278,10 +322,17 @@ fn probe_kvm(fw: &Firmware, def: &VmDef, scratch: &Path) -> std::result::Result<
             break Err("KVM internal error (emulation failure)".to_string());
         }
         if let Ok(Some(status)) = run.try_wait() {
-            break Err(format!("QEMU exited ({}): {}", exec::describe_status(status), exec::tail(&err, 2)));
+            break Err(format!(
+                "QEMU exited ({}): {}",
+                exec::describe_status(status),
+                exec::tail(&err, 2)
+            ));
         }
         if Instant::now() > deadline {
-            break Err(format!("no firmware output within {} s", def.timeouts.kvm_probe));
+            break Err(format!(
+                "no firmware output within {} s",
+                def.timeouts.kvm_probe
+            ));
         }
         std::thread::sleep(Duration::from_millis(100));
     };
@@ -342,7 +393,10 @@ pub struct VerifyOptions {
 pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
     let def = VmDef::load(o.vm_def.as_deref())?;
     if exec::which(qemu_binary()).is_none() {
-        bail!("{} not found: apt-get install qemu-system-x86", qemu_binary());
+        bail!(
+            "{} not found: apt-get install qemu-system-x86",
+            qemu_binary()
+        );
     }
     let format = image_format(&o.image)?;
     let fw = find_firmware(&def, o.firmware.as_deref(), &o.cache_dir)?;
@@ -351,7 +405,11 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
         .tempdir()
         .context("creating a scratch directory")?;
     let (accel, accel_note) = choose_accel(o.accel, &fw, &def, scratch.path());
-    progress::info(&format!("    accelerator: {accel_note}; firmware: {} ({})", fw.code.display(), fw.source));
+    progress::info(&format!(
+        "    accelerator: {accel_note}; firmware: {} ({})",
+        fw.code.display(),
+        fw.source
+    ));
     let vars = scratch.path().join("vars.fd");
     std::fs::copy(&fw.vars, &vars).with_context(|| format!("copying {}", fw.vars.display()))?;
     let sock = scratch.path().join("results.sock");
@@ -360,29 +418,62 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
     let port = free_port()?;
     let boot_limit = Duration::from_secs(o.timeout.unwrap_or(def.timeouts.boot));
 
-    let q = cmd(qemu_binary(), ["-nodefaults", "-no-user-config", "-name", "stemforge-verify", "-display", "none"])
-        .args(["-machine", &def.machine])
-        .args(["-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }])
-        .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
-        .args(["-smp", &def.cpus.to_string(), "-m", &def.memory])
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", fw.code.display()))
-        .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
-        .arg("-drive")
-        .arg(format!("file={},format={format},if=virtio,cache=unsafe", o.image.display()))
-        .arg("-snapshot")
-        .arg("-serial")
-        .arg(format!("file:{}", console_partial.display()))
-        .args(["-device", "virtio-serial-pci", "-chardev"])
-        .arg(format!("socket,id=results,path={},server=on,wait=off", sock.display()))
-        .arg("-device")
-        .arg(format!("virtserialport,chardev=results,name={PORT_NAME}"))
-        .arg("-netdev")
-        .arg(format!("user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"))
-        .args(["-device", "virtio-net-pci,netdev=net0", "-device", "virtio-rng-pci", "-no-reboot"]);
+    let q = cmd(
+        qemu_binary(),
+        [
+            "-nodefaults",
+            "-no-user-config",
+            "-name",
+            "stemforge-verify",
+            "-display",
+            "none",
+        ],
+    )
+    .args(["-machine", &def.machine])
+    .args(["-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }])
+    .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
+    .args(["-smp", &def.cpus.to_string(), "-m", &def.memory])
+    .arg("-drive")
+    .arg(format!(
+        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+        fw.code.display()
+    ))
+    .arg("-drive")
+    .arg(format!(
+        "if=pflash,format=raw,unit=1,file={}",
+        vars.display()
+    ))
+    .arg("-drive")
+    .arg(format!(
+        "file={},format={format},if=virtio,cache=unsafe",
+        o.image.display()
+    ))
+    .arg("-snapshot")
+    .arg("-serial")
+    .arg(format!("file:{}", console_partial.display()))
+    .args(["-device", "virtio-serial-pci", "-chardev"])
+    .arg(format!(
+        "socket,id=results,path={},server=on,wait=off",
+        sock.display()
+    ))
+    .arg("-device")
+    .arg(format!("virtserialport,chardev=results,name={PORT_NAME}"))
+    .arg("-netdev")
+    .arg(format!(
+        "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
+    ))
+    .args([
+        "-device",
+        "virtio-net-pci,netdev=net0",
+        "-device",
+        "virtio-rng-pci",
+        "-no-reboot",
+    ]);
     let t0 = Instant::now();
-    let vm = q.spawn(&scratch.path().join("qemu.stdout"), &scratch.path().join("qemu.stderr"))?;
+    let vm = q.spawn(
+        &scratch.path().join("qemu.stdout"),
+        &scratch.path().join("qemu.stderr"),
+    )?;
     let mut verdict = Verdict {
         passed: false,
         image: o.image.clone(),
@@ -404,9 +495,10 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
     if outcome.is_ok() {
         match vm.wait_timeout(Duration::from_secs(def.timeouts.shutdown))? {
             Some(_) => verdict.clean_shutdown = true,
-            None => verdict
-                .problems
-                .push(format!("the guest did not power off within {} s", def.timeouts.shutdown)),
+            None => verdict.problems.push(format!(
+                "the guest did not power off within {} s",
+                def.timeouts.shutdown
+            )),
         }
     }
     vm.kill();
@@ -415,13 +507,17 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
         fsutil::commit(&console_partial, &console)?;
     }
     if !verdict.problems.is_empty() && verdict.agent.is_none() {
-        let tail = std::fs::read_to_string(&console).map(|t| exec::tail(&t, 15)).unwrap_or_default();
+        let tail = std::fs::read_to_string(&console)
+            .map(|t| exec::tail(&t, 15))
+            .unwrap_or_default();
         let qerr = vm.stderr_tail();
         if !qerr.trim().is_empty() {
             verdict.problems.push(format!("QEMU said: {}", qerr.trim()));
         }
         if !tail.trim().is_empty() {
-            verdict.problems.push(format!("last console lines:\n{tail}"));
+            verdict
+                .problems
+                .push(format!("last console lines:\n{tail}"));
         }
     }
     judge(&mut verdict);
@@ -474,7 +570,10 @@ fn converse(
             );
         }
         if let Some(status) = vm.try_wait()? {
-            bail!("QEMU exited before the agent reported ({})", exec::describe_status(status));
+            bail!(
+                "QEMU exited before the agent reported ({})",
+                exec::describe_status(status)
+            );
         }
         match reader.read_line(&mut line) {
             Ok(0) => std::thread::sleep(Duration::from_millis(200)),
@@ -483,16 +582,23 @@ fn converse(
                 let l = l.trim_end();
                 if l == START {
                     v.boot_seconds = Some(t0.elapsed().as_secs_f64());
-                    progress::activity(&format!("guest booted after {:.0} s; scanning", t0.elapsed().as_secs_f64()));
+                    progress::activity(&format!(
+                        "guest booted after {:.0} s; scanning",
+                        t0.elapsed().as_secs_f64()
+                    ));
                 } else if let Some(json) = l.strip_prefix(RESULT) {
-                    let report: AgentReport =
-                        serde_json::from_str(json).context("the agent's report is not valid JSON")?;
+                    let report: AgentReport = serde_json::from_str(json)
+                        .context("the agent's report is not valid JSON")?;
                     v.agent = Some(report);
                     break;
                 }
             }
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(e).context("reading the results channel"),
         }
     }
@@ -508,7 +614,10 @@ fn converse(
 fn ssh_banner(port: u16, limit: Duration) -> Option<String> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(5)) {
+        if let Ok(mut s) = std::net::TcpStream::connect_timeout(
+            &([127, 0, 0, 1], port).into(),
+            Duration::from_secs(5),
+        ) {
             let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
             let mut buf = [0u8; 256];
             if let Ok(n) = s.read(&mut buf) {
@@ -526,10 +635,14 @@ fn ssh_banner(port: u16, limit: Duration) -> Option<String> {
 fn judge(v: &mut Verdict) {
     if let Some(a) = &v.agent {
         if a.system_state != "running" {
-            v.problems.push(format!("system state is {:?}, not \"running\"", a.system_state));
+            v.problems.push(format!(
+                "system state is {:?}, not \"running\"",
+                a.system_state
+            ));
         }
         if !a.failed_units.is_empty() {
-            v.problems.push(format!("failed units: {}", a.failed_units.join(", ")));
+            v.problems
+                .push(format!("failed units: {}", a.failed_units.join(", ")));
         }
         if !a.sshd_listening {
             v.problems.push("sshd is not listening on port 22".into());
@@ -539,13 +652,29 @@ fn judge(v: &mut Verdict) {
                 .scan
                 .results
                 .iter()
-                .filter(|r| matches!(r.status, scan::outcome::Status::Fail | scan::outcome::Status::Error))
-                .map(|r| format!("{} ({})", r.id, r.evidence.first().cloned().unwrap_or_default()))
+                .filter(|r| {
+                    matches!(
+                        r.status,
+                        scan::outcome::Status::Fail | scan::outcome::Status::Error
+                    )
+                })
+                .map(|r| {
+                    format!(
+                        "{} ({})",
+                        r.id,
+                        r.evidence.first().cloned().unwrap_or_default()
+                    )
+                })
                 .collect();
-            v.problems.push(format!("scan: {} controls failed: {}", failing.len(), failing.join("; ")));
+            v.problems.push(format!(
+                "scan: {} controls failed: {}",
+                failing.len(),
+                failing.join("; ")
+            ));
         }
         if v.host_ssh_banner.is_none() {
-            v.problems.push("sshd did not answer through the VM's network".into());
+            v.problems
+                .push("sshd did not answer through the VM's network".into());
         }
     } else if v.problems.is_empty() {
         v.problems.push("the agent sent no report".into());
@@ -564,7 +693,11 @@ fn image_format(image: &Path) -> Result<String> {
     let v: serde_json::Value = serde_json::from_str(&info).context("parsing qemu-img info")?;
     match v["format"].as_str() {
         Some(f @ ("raw" | "qcow2")) => Ok(f.to_string()),
-        other => bail!("{}: unsupported image format {:?} (raw or qcow2)", image.display(), other),
+        other => bail!(
+            "{}: unsupported image format {:?} (raw or qcow2)",
+            image.display(),
+            other
+        ),
     }
 }
 
@@ -651,20 +784,30 @@ pub fn run_agent() -> Result<()> {
         .run_unchecked()
         .map(|o| o.stdout_str().trim().to_string())
         .unwrap_or_else(|e| format!("unknown ({e:#})"));
-    let failed = cmd("systemctl", ["list-units", "--failed", "--plain", "--no-legend", "--no-pager"])
-        .read()
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .collect();
-    let banner = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], 22).into(), Duration::from_secs(5))
-        .ok()
-        .and_then(|mut s| {
-            s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-            let mut buf = [0u8; 256];
-            let n = s.read(&mut buf).ok()?;
-            Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-        });
+    let failed = cmd(
+        "systemctl",
+        [
+            "list-units",
+            "--failed",
+            "--plain",
+            "--no-legend",
+            "--no-pager",
+        ],
+    )
+    .read()
+    .unwrap_or_default()
+    .lines()
+    .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+    .collect();
+    let banner =
+        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], 22).into(), Duration::from_secs(5))
+            .ok()
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).ok()?;
+                Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+            });
     println!("stemforge agent: system {state}; scanning");
     let source = if Path::new(AGENT_CATALOG).is_dir() {
         StageSource::Dir(AGENT_CATALOG.into())
@@ -742,7 +885,11 @@ mod tests {
                 vars.display()
             )
         };
-        std::fs::write(dir.path().join("40-sb.json"), desc(r#""secure-boot","requires-smm""#)).unwrap();
+        std::fs::write(
+            dir.path().join("40-sb.json"),
+            desc(r#""secure-boot","requires-smm""#),
+        )
+        .unwrap();
         let only_sb = from_descriptors(&[dir.path().display().to_string()]);
         assert!(only_sb.is_none());
         std::fs::write(dir.path().join("60-plain.json"), desc(r#""acpi-s3""#)).unwrap();
@@ -754,7 +901,12 @@ mod tests {
     #[test]
     fn explicit_firmware_must_exist() {
         let def = VmDef::load(None).unwrap();
-        let e = find_firmware(&def, Some("/nonexistent/CODE.fd,/nonexistent/VARS.fd"), Path::new("/tmp")).unwrap_err();
+        let e = find_firmware(
+            &def,
+            Some("/nonexistent/CODE.fd,/nonexistent/VARS.fd"),
+            Path::new("/tmp"),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
@@ -764,8 +916,15 @@ mod tests {
         let rule = &files[1].2;
         assert!(rule.contains("ATTR{name}==\"org.stemforge.results\""));
         assert!(rule.contains("SYSTEMD_WANTS}+=\"stemforge-verify.service\""));
-        assert!(files[0].2.contains("ExecStart=/usr/lib/stemforge/stemforge agent"));
-        assert!(!files[0].2.contains("[Install]"), "only udev starts the agent");
+        assert!(
+            files[0]
+                .2
+                .contains("ExecStart=/usr/lib/stemforge/stemforge agent")
+        );
+        assert!(
+            !files[0].2.contains("[Install]"),
+            "only udev starts the agent"
+        );
     }
 
     #[test]
@@ -773,7 +932,10 @@ mod tests {
         let report = Report {
             scanner: "stemforge".into(),
             version: "0".into(),
-            target: scan::TargetInfo { kind: "live".into(), path: "/".into() },
+            target: scan::TargetInfo {
+                kind: "live".into(),
+                path: "/".into(),
+            },
             context: ScanContext {
                 distro: "debian".into(),
                 codename: "bookworm".into(),
@@ -784,7 +946,11 @@ mod tests {
             },
             started: String::new(),
             duration_ms: 0,
-            summary: scan::Summary { total: 1, pass: 1, ..Default::default() },
+            summary: scan::Summary {
+                total: 1,
+                pass: 1,
+                ..Default::default()
+            },
             results: vec![],
         };
         let agent = AgentReport {

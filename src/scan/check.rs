@@ -96,8 +96,16 @@ impl Check {
             Check::AuditRule(c) => c.describe(),
             Check::FsWalk(c) => c.describe(),
             Check::Accounts(c) => c.describe(),
-            Check::All(cs) => cs.iter().map(Check::describe).collect::<Vec<_>>().join(" AND "),
-            Check::Any(cs) => cs.iter().map(Check::describe).collect::<Vec<_>>().join(" OR "),
+            Check::All(cs) => cs
+                .iter()
+                .map(Check::describe)
+                .collect::<Vec<_>>()
+                .join(" AND "),
+            Check::Any(cs) => cs
+                .iter()
+                .map(Check::describe)
+                .collect::<Vec<_>>()
+                .join(" OR "),
         }
     }
 
@@ -155,10 +163,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("a"), "x").unwrap();
         let t = Target::root(d.path()).unwrap();
-        let all: Check = parse_check("all: [ { file: { path: /a } }, { file: { path: /b } } ]").unwrap();
+        let all: Check =
+            parse_check("all: [ { file: { path: /a } }, { file: { path: /b } } ]").unwrap();
         all.validate().unwrap();
         assert_eq!(all.eval(&t).status, Status::Fail);
-        let any: Check = parse_check("any: [ { file: { path: /a } }, { file: { path: /b } } ]").unwrap();
+        let any: Check =
+            parse_check("any: [ { file: { path: /a } }, { file: { path: /b } } ]").unwrap();
         assert_eq!(any.eval(&t).status, Status::Pass);
         let empty: Check = parse_check("all: []").unwrap();
         assert!(empty.validate().is_err());

@@ -10,19 +10,35 @@ use std::fmt;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "scalar_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "scalar_opt"
+    )]
     pub equals: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "scalar_list_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "scalar_list_opt"
+    )]
     pub one_of: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<i64>,
     /// A comma-separated list whose items all come from this set.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "scalar_list_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "scalar_list_opt"
+    )]
     pub subset_of: Option<Vec<String>>,
     /// A comma- or space-separated list that contains all of these.
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "scalar_list_opt")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "scalar_list_opt"
+    )]
     pub contains: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matches: Option<String>,
@@ -60,7 +76,9 @@ impl Expect {
         if !any {
             return Err("the expected value is empty".into());
         }
-        if self.absent.is_some() && (self.equals.is_some() || self.one_of.is_some() || self.min.is_some()) {
+        if self.absent.is_some()
+            && (self.equals.is_some() || self.one_of.is_some() || self.min.is_some())
+        {
             return Err("`absent` cannot be combined with a value test".into());
         }
         Ok(())
@@ -112,7 +130,10 @@ impl Expect {
             if !bad.is_empty() {
                 return Err(format!(
                     "contains {} not allowed (allowed: {})",
-                    bad.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                    bad.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     allowed.join(", ")
                 ));
             }
@@ -323,7 +344,11 @@ mod tests {
         assert!(e.test(Some("900")).is_ok());
         let e = parse("value: { subset_of: [aes128-ctr, aes192-ctr, aes256-ctr] }");
         assert!(e.test(Some("aes256-ctr,aes128-ctr")).is_ok());
-        assert!(e.test(Some("chacha20-poly1305@openssh.com,aes128-ctr")).unwrap_err().contains("chacha20"));
+        assert!(
+            e.test(Some("chacha20-poly1305@openssh.com,aes128-ctr"))
+                .unwrap_err()
+                .contains("chacha20")
+        );
         let e = parse("value: { one_of: [INFO, VERBOSE] }");
         assert!(e.test(Some("verbose")).is_ok());
         assert!(e.test(Some("DEBUG")).is_err());
@@ -341,7 +366,10 @@ mod tests {
     fn unknown_test_is_an_error() {
         assert!(serde_yaml::from_str::<W>("value: { maxx: 3 }").is_err());
         assert!(Expect::default().validate().is_err());
-        let bad = Expect { matches: Some("(".into()), ..Default::default() };
+        let bad = Expect {
+            matches: Some("(".into()),
+            ..Default::default()
+        };
         assert!(bad.validate().is_err());
     }
 }

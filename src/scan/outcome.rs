@@ -80,11 +80,7 @@ impl Findings {
         self.evidence.push(e.into());
     }
     pub fn check(&mut self, passed: bool, e: impl Into<String>) {
-        if passed {
-            self.ok(e)
-        } else {
-            self.bad(e)
-        }
+        if passed { self.ok(e) } else { self.bad(e) }
     }
     pub fn has_failed(&self) -> bool {
         self.failed

@@ -168,7 +168,9 @@ impl Target {
                 if comp.contains(['*', '?']) {
                     let dir = if base.is_empty() { "/" } else { base.as_str() };
                     for name in self.list_dir(dir)? {
-                        if wildcard_match(&comp, &name) && !(name.starts_with('.') && !comp.starts_with('.')) {
+                        if (comp.starts_with('.') || !name.starts_with('.'))
+                            && wildcard_match(&comp, &name)
+                        {
                             next.push(format!("{base}/{name}"));
                         }
                     }
@@ -192,7 +194,11 @@ impl Target {
         if !self.live {
             return None;
         }
-        Some(exec::cmd(program, args).timeout(std::time::Duration::from_secs(30)).run_unchecked())
+        Some(
+            exec::cmd(program, args)
+                .timeout(std::time::Duration::from_secs(30))
+                .run_unchecked(),
+        )
     }
 }
 
@@ -258,7 +264,10 @@ mod tests {
     fn symlinks_resolve_inside_the_root() {
         let (_d, t) = tree();
         assert_eq!(t.read_to_string("/lib/x/f").unwrap(), "inside");
-        assert_eq!(t.read_to_string("/etc/abs").unwrap(), "root:x:0:0::/root:/bin/sh\n");
+        assert_eq!(
+            t.read_to_string("/etc/abs").unwrap(),
+            "root:x:0:0::/root:/bin/sh\n"
+        );
         // The escape resolves to <root>/etc/hostname, which does not exist,
         // even though the host's /etc/hostname does.
         assert!(t.read_to_string("/etc/escape").is_err());
@@ -279,7 +288,10 @@ mod tests {
         let (_d, t) = tree();
         assert_eq!(
             t.glob("/etc/ssh/sshd_config.d/*.conf").unwrap(),
-            vec!["/etc/ssh/sshd_config.d/a.conf", "/etc/ssh/sshd_config.d/b.conf"]
+            vec![
+                "/etc/ssh/sshd_config.d/a.conf",
+                "/etc/ssh/sshd_config.d/b.conf"
+            ]
         );
         assert_eq!(t.glob("/etc/passwd").unwrap(), vec!["/etc/passwd"]);
         assert!(t.glob("/etc/nothing*").unwrap().is_empty());

@@ -92,7 +92,11 @@ impl AccountsCheck {
             if self.no_empty_passwords {
                 f.check(
                     empty.is_empty(),
-                    if empty.is_empty() { "no account has an empty password".into() } else { format!("empty password: {}", empty.join(", ")) },
+                    if empty.is_empty() {
+                        "no account has an empty password".into()
+                    } else {
+                        format!("empty password: {}", empty.join(", "))
+                    },
                 );
             }
             if self.no_password_hashes {
@@ -107,12 +111,20 @@ impl AccountsCheck {
             }
         }
         if self.only_root_uid0 {
-            let zero: Vec<String> = users.users.iter().filter(|u| u.uid == 0).map(|u| u.name.clone()).collect();
+            let zero: Vec<String> = users
+                .users
+                .iter()
+                .filter(|u| u.uid == 0)
+                .map(|u| u.name.clone())
+                .collect();
             f.check(zero == ["root"], format!("uid 0: {}", zero.join(", ")));
         }
         if self.root_gid0 {
             match users.users.iter().find(|u| u.name == "root") {
-                Some(r) => f.check(r.gid == 0, format!("/etc/passwd:{}: root gid {}", r.line, r.gid)),
+                Some(r) => f.check(
+                    r.gid == 0,
+                    format!("/etc/passwd:{}: root gid {}", r.line, r.gid),
+                ),
                 None => f.bad("no root account"),
             }
         }
@@ -126,7 +138,11 @@ impl AccountsCheck {
                 .collect();
             f.check(
                 bad.is_empty(),
-                if bad.is_empty() { "system accounts have no login shell".into() } else { format!("login shell: {}", bad.join(", ")) },
+                if bad.is_empty() {
+                    "system accounts have no login shell".into()
+                } else {
+                    format!("login shell: {}", bad.join(", "))
+                },
             );
         }
         f.finish()
@@ -143,9 +159,17 @@ mod tests {
     fn shadow_rules() {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir_all(d.path().join("etc")).unwrap();
-        fs::write(d.path().join("etc/passwd"), "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/:/usr/sbin/nologin\n").unwrap();
+        fs::write(
+            d.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/:/usr/sbin/nologin\n",
+        )
+        .unwrap();
         fs::write(d.path().join("etc/group"), "root:x:0:\n").unwrap();
-        fs::write(d.path().join("etc/shadow"), "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n").unwrap();
+        fs::write(
+            d.path().join("etc/shadow"),
+            "root:*:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n",
+        )
+        .unwrap();
         let t = Target::root(d.path()).unwrap();
         let c = AccountsCheck {
             no_empty_passwords: true,
@@ -155,11 +179,21 @@ mod tests {
             system_accounts_nologin: true,
         };
         assert_eq!(c.eval(&t).status, Status::Pass);
-        fs::write(d.path().join("etc/shadow"), "root:$6$abc$def:19000::::::\ndaemon::19000::::::\n").unwrap();
+        fs::write(
+            d.path().join("etc/shadow"),
+            "root:$6$abc$def:19000::::::\ndaemon::19000::::::\n",
+        )
+        .unwrap();
         let o = c.eval(&t);
         assert_eq!(o.status, Status::Fail);
         let text = o.evidence.join("\n");
-        assert!(text.contains("empty password: /etc/shadow:2: daemon"), "{text}");
-        assert!(text.contains("password hash set: /etc/shadow:1: root"), "{text}");
+        assert!(
+            text.contains("empty password: /etc/shadow:2: daemon"),
+            "{text}"
+        );
+        assert!(
+            text.contains("password hash set: /etc/shadow:1: root"),
+            "{text}"
+        );
     }
 }

@@ -50,13 +50,24 @@ impl fmt::Display for Rule {
                 }
                 Ok(())
             }
-            Rule::Syscall { list, action, arch, syscalls, fields, key } => {
+            Rule::Syscall {
+                list,
+                action,
+                arch,
+                syscalls,
+                fields,
+                key,
+            } => {
                 write!(f, "-a {action},{list}")?;
                 if let Some(a) = arch {
                     write!(f, " -F arch={a}")?;
                 }
                 if !syscalls.is_empty() {
-                    write!(f, " -S {}", syscalls.iter().cloned().collect::<Vec<_>>().join(","))?;
+                    write!(
+                        f,
+                        " -S {}",
+                        syscalls.iter().cloned().collect::<Vec<_>>().join(",")
+                    )?;
                 }
                 for fl in fields {
                     match fl.strip_prefix("C:") {
@@ -74,7 +85,15 @@ impl fmt::Display for Rule {
     }
 }
 
-const LISTS: &[&str] = &["exit", "task", "user", "exclude", "filesystem", "io_uring", "entry"];
+const LISTS: &[&str] = &[
+    "exit",
+    "task",
+    "user",
+    "exclude",
+    "filesystem",
+    "io_uring",
+    "entry",
+];
 
 fn normalize_field(f: &str) -> Result<(String, String, String), String> {
     let ops = ["!=", "<=", ">=", "&=", "=", "<", ">", "&"];
@@ -119,7 +138,9 @@ pub fn parse_rule(line: &str) -> Result<Option<Rule>, String> {
             "-k" => key = Some(next(&mut i)?),
             "-a" | "-A" => {
                 let v = next(&mut i)?;
-                let (a, b) = v.split_once(',').ok_or_else(|| format!("bad -a value `{v}`"))?;
+                let (a, b) = v
+                    .split_once(',')
+                    .ok_or_else(|| format!("bad -a value `{v}`"))?;
                 let (list, action) = if LISTS.contains(&a) { (a, b) } else { (b, a) };
                 list_action = Some((list.to_string(), action.to_string()));
             }
@@ -147,7 +168,11 @@ pub fn parse_rule(line: &str) -> Result<Option<Rule>, String> {
                 fields.insert(format!("C:{}", next(&mut i)?));
             }
             flag @ ("-e" | "-b" | "-f" | "-r" | "--backlog_wait_time" | "--reset-lost") => {
-                let v = if flag == "--reset-lost" { String::new() } else { next(&mut i)? };
+                let v = if flag == "--reset-lost" {
+                    String::new()
+                } else {
+                    next(&mut i)?
+                };
                 return Ok(Some(Rule::Control(flag.to_string(), v)));
             }
             flag @ ("-D" | "--loginuid-immutable" | "-c" | "-i") => {
@@ -158,7 +183,11 @@ pub fn parse_rule(line: &str) -> Result<Option<Rule>, String> {
         i += 1;
     }
     if let Some(path) = watch {
-        let path = if path.len() > 1 { path.trim_end_matches('/').to_string() } else { path };
+        let path = if path.len() > 1 {
+            path.trim_end_matches('/').to_string()
+        } else {
+            path
+        };
         if perms.is_empty() {
             perms.extend("rwxa".chars());
         }
@@ -178,18 +207,45 @@ pub fn parse_rule(line: &str) -> Result<Option<Rule>, String> {
 /// Whether `have` audits at least what `want` asks for.
 pub fn covers(have: &Rule, want: &Rule) -> bool {
     match (have, want) {
-        (Rule::Watch { path: p1, perms: r1, .. }, Rule::Watch { path: p2, perms: r2, .. }) => {
-            p1 == p2 && r2.is_subset(r1)
-        }
         (
-            Rule::Syscall { list: l1, action: a1, arch: x1, syscalls: s1, fields: f1, .. },
-            Rule::Syscall { list: l2, action: a2, arch: x2, syscalls: s2, fields: f2, .. },
+            Rule::Watch {
+                path: p1,
+                perms: r1,
+                ..
+            },
+            Rule::Watch {
+                path: p2,
+                perms: r2,
+                ..
+            },
+        ) => p1 == p2 && r2.is_subset(r1),
+        (
+            Rule::Syscall {
+                list: l1,
+                action: a1,
+                arch: x1,
+                syscalls: s1,
+                fields: f1,
+                ..
+            },
+            Rule::Syscall {
+                list: l2,
+                action: a2,
+                arch: x2,
+                syscalls: s2,
+                fields: f2,
+                ..
+            },
         ) => l1 == l2 && a1 == a2 && x1 == x2 && f1 == f2 && (s1.is_empty() || s2.is_subset(s1)),
         // auditctl -l lists directory watches given as `-w dir/` with
         // `-F dir=`; a syscall rule on dir/perm covers such a watch.
         (Rule::Syscall { fields, .. }, Rule::Watch { path, perms, .. }) => {
             fields.contains(&format!("dir={path}"))
-                && perms.iter().all(|p| fields.iter().any(|f| f.starts_with("perm=") && f.contains(*p)))
+                && perms.iter().all(|p| {
+                    fields
+                        .iter()
+                        .any(|f| f.starts_with("perm=") && f.contains(*p))
+                })
         }
         _ => false,
     }
@@ -239,7 +295,9 @@ impl AuditRuleCheck {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(r) = &self.rule {
             match parse_rule(r)? {
-                Some(Rule::Control(..)) | None => return Err(format!("`{r}` is not a watch or syscall rule")),
+                Some(Rule::Control(..)) | None => {
+                    return Err(format!("`{r}` is not a watch or syscall rule"));
+                }
                 Some(_) => {}
             }
         }
@@ -277,16 +335,22 @@ impl AuditRuleCheck {
             }
         }
         if let Some(min) = self.min_count {
-            let n = rules.iter().filter(|(_, r)| !matches!(r, Rule::Control(..))).count();
-            f.check(n >= min, format!("{n} audit rules (at least {min} required)"));
+            let n = rules
+                .iter()
+                .filter(|(_, r)| !matches!(r, Rule::Control(..)))
+                .count();
+            f.check(
+                n >= min,
+                format!("{n} audit rules (at least {min} required)"),
+            );
         }
         if let Some(want) = self.immutable {
             let mode = if t.is_live() {
                 match t.command("auditctl", &["-s"]) {
-                    Some(Ok(o)) => o
-                        .stdout_str()
-                        .lines()
-                        .find_map(|l| l.strip_prefix("enabled ").map(|v| (v.trim().to_string(), "auditctl -s".to_string()))),
+                    Some(Ok(o)) => o.stdout_str().lines().find_map(|l| {
+                        l.strip_prefix("enabled ")
+                            .map(|v| (v.trim().to_string(), "auditctl -s".to_string()))
+                    }),
                     Some(Err(e)) => {
                         f.err(format!("auditctl -s: {e:#}"));
                         None
@@ -322,13 +386,21 @@ mod tests {
         let written = r("-a always,exit -F arch=b64 -S adjtimex -S settimeofday -k time-change");
         let listed = r("-a always,exit -F arch=b64 -S settimeofday,adjtimex -F key=time-change");
         assert_eq!(written, listed);
-        let w = r("-a always,exit -F arch=b64 -S unlink -F auid>=1000 -F auid!=4294967295 -k delete");
+        let w =
+            r("-a always,exit -F arch=b64 -S unlink -F auid>=1000 -F auid!=4294967295 -k delete");
         let l = r("-a always,exit -F arch=b64 -S unlink -F auid>=1000 -F auid!=-1 -F key=delete");
         assert_eq!(w, l);
         assert_eq!(r("-a exit,always -S mount"), r("-a always,exit -S mount"));
-        assert_eq!(r("-w /etc/sudoers.d/ -p wa -k scope"), r("-w /etc/sudoers.d -p aw -k scope"));
-        let path_rule = r("-a always,exit -F path=/usr/bin/su -F perm=x -F auid>=1000 -F auid!=unset -k privileged");
-        let listed = r("-a always,exit -S all -F path=/usr/bin/su -F perm=x -F auid>=1000 -F auid!=-1 -F key=privileged");
+        assert_eq!(
+            r("-w /etc/sudoers.d/ -p wa -k scope"),
+            r("-w /etc/sudoers.d -p aw -k scope")
+        );
+        let path_rule = r(
+            "-a always,exit -F path=/usr/bin/su -F perm=x -F auid>=1000 -F auid!=unset -k privileged",
+        );
+        let listed = r(
+            "-a always,exit -S all -F path=/usr/bin/su -F perm=x -F auid>=1000 -F auid!=-1 -F key=privileged",
+        );
         assert!(covers(&listed, &path_rule));
     }
 
@@ -338,14 +410,23 @@ mod tests {
         assert!(covers(&r("-w /etc/passwd -p rwa -k other"), &want));
         assert!(!covers(&r("-w /etc/passwd -p w"), &want));
         let want = r("-a always,exit -F arch=b64 -S init_module -S delete_module -k modules");
-        assert!(covers(&r("-a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k m"), &want));
-        assert!(!covers(&r("-a always,exit -F arch=b32 -S init_module,delete_module -k modules"), &want));
+        assert!(covers(
+            &r("-a always,exit -F arch=b64 -S init_module,finit_module,delete_module -k m"),
+            &want
+        ));
+        assert!(!covers(
+            &r("-a always,exit -F arch=b32 -S init_module,delete_module -k modules"),
+            &want
+        ));
     }
 
     #[test]
     fn controls_and_errors() {
         assert_eq!(r("-e 2"), Rule::Control("-e".into(), "2".into()));
-        assert_eq!(r("--backlog_wait_time 60000"), Rule::Control("--backlog_wait_time".into(), "60000".into()));
+        assert_eq!(
+            r("--backlog_wait_time 60000"),
+            Rule::Control("--backlog_wait_time".into(), "60000".into())
+        );
         assert!(parse_rule("-w").is_err());
         assert!(parse_rule("-x foo").is_err());
         assert_eq!(parse_rule("# comment").unwrap(), None);
@@ -363,9 +444,17 @@ mod tests {
         )
         .unwrap();
         let t = Target::root(d.path()).unwrap();
-        let count = AuditRuleCheck { rule: None, min_count: Some(50), immutable: None };
+        let count = AuditRuleCheck {
+            rule: None,
+            min_count: Some(50),
+            immutable: None,
+        };
         assert_eq!(count.eval(&t).status, Status::Fail);
-        let imm = AuditRuleCheck { rule: None, min_count: None, immutable: Some(true) };
+        let imm = AuditRuleCheck {
+            rule: None,
+            min_count: None,
+            immutable: Some(true),
+        };
         assert_eq!(imm.eval(&t).status, Status::Fail);
         let mut rules = String::new();
         for i in 0..50 {
@@ -375,7 +464,11 @@ mod tests {
         std::fs::write(d.path().join("etc/audit/rules.d/50-x.rules"), rules).unwrap();
         assert_eq!(count.eval(&t).status, Status::Pass);
         assert_eq!(imm.eval(&t).status, Status::Pass);
-        let one = AuditRuleCheck { rule: Some("-w /etc/f7 -p w".into()), min_count: None, immutable: None };
+        let one = AuditRuleCheck {
+            rule: Some("-w /etc/f7 -p w".into()),
+            min_count: None,
+            immutable: None,
+        };
         let o = one.eval(&t);
         assert_eq!(o.status, Status::Pass);
         assert!(o.evidence[0].contains("50-x.rules:8"), "{o:?}");

@@ -133,12 +133,21 @@ impl FileCheck {
     }
 
     fn wants_content(&self) -> bool {
-        !self.lines.is_empty() || !self.matches.is_empty() || !self.not_matches.is_empty() || self.empty.is_some()
+        !self.lines.is_empty()
+            || !self.matches.is_empty()
+            || !self.not_matches.is_empty()
+            || self.empty.is_some()
     }
 
     /// Mode, owner, group and kind of one path; returns its text when
     /// the content is to be tested.
-    fn eval_attributes(&self, t: &Target, path: &str, users: &Users, f: &mut Findings) -> Option<String> {
+    fn eval_attributes(
+        &self,
+        t: &Target,
+        path: &str,
+        users: &Users,
+        f: &mut Findings,
+    ) -> Option<String> {
         let md = if self.kind.as_deref() == Some("symlink") {
             t.symlink_metadata(path)
         } else {
@@ -187,13 +196,22 @@ impl FileCheck {
             match users.gid_of(group) {
                 Some(gid) => f.check(
                     md.gid() == gid,
-                    format!("{path}: group {} (want {group})", users.group_name(md.gid())),
+                    format!(
+                        "{path}: group {} (want {group})",
+                        users.group_name(md.gid())
+                    ),
                 ),
-                None => f.bad(format!("{path}: group {group} does not exist in the target")),
+                None => f.bad(format!(
+                    "{path}: group {group} does not exist in the target"
+                )),
             }
         }
         if !self.wants_content() {
-            if self.kind.is_none() && self.mode.is_none() && self.owner.is_none() && self.group.is_none() {
+            if self.kind.is_none()
+                && self.mode.is_none()
+                && self.owner.is_none()
+                && self.group.is_none()
+            {
                 f.ok(format!("{path}: exists"));
             }
             return None;
@@ -223,7 +241,11 @@ impl FileCheck {
                     .map(|(i, l)| format!("{p}:{}: {}", i + 1, clip(l)))
             })
         };
-        let names = texts.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>().join(", ");
+        let names = texts
+            .iter()
+            .map(|(p, _)| p.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
         for want in &self.lines {
             match find(&|l: &str| l.trim() == want.trim()) {
                 Some(at) => f.ok(at),
@@ -301,7 +323,11 @@ mod tests {
         .unwrap();
         fs::write(r.join("etc/hosts.allow"), "# comment only\n\n").unwrap();
         fs::write(r.join("boot/grub/grub.cfg"), "set superusers=\"root\"\n").unwrap();
-        fs::set_permissions(r.join("boot/grub/grub.cfg"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(
+            r.join("boot/grub/grub.cfg"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
         fs::write(r.join("etc/ssh/ssh_host_rsa_key"), "k").unwrap();
         {
             let t = Target::root(r).unwrap();
@@ -322,7 +348,11 @@ mod tests {
         let o = c.eval(&t);
         assert_eq!(o.status, Status::Fail, "{o:?}");
         assert!(o.evidence.iter().any(|e| e.contains("grants 0044")));
-        fs::set_permissions(d.path().join("boot/grub/grub.cfg"), fs::Permissions::from_mode(0o400)).unwrap();
+        fs::set_permissions(
+            d.path().join("boot/grub/grub.cfg"),
+            fs::Permissions::from_mode(0o400),
+        )
+        .unwrap();
         assert_eq!(c.eval(&t).status, Status::Pass);
     }
 
@@ -339,18 +369,43 @@ mod tests {
     fn content_tests() {
         let (_d, t) = tree();
         assert_eq!(
-            check("{ path: /etc/issue, lines: [\"Unauthorized use is strictly prohibited.\"] }").eval(&t).status,
+            check("{ path: /etc/issue, lines: [\"Unauthorized use is strictly prohibited.\"] }")
+                .eval(&t)
+                .status,
             Status::Pass
         );
         assert_eq!(
-            check("{ path: /etc/issue, not_matches: ['\\\\[mrsv]', '(?i)debian'] }").eval(&t).status,
+            check("{ path: /etc/issue, not_matches: ['\\\\[mrsv]', '(?i)debian'] }")
+                .eval(&t)
+                .status,
             Status::Pass
         );
-        assert_eq!(check("{ path: /etc/issue, matches: ['^Welcome'] }").eval(&t).status, Status::Fail);
-        assert_eq!(check("{ path: /etc/hosts.allow, empty: true }").eval(&t).status, Status::Pass);
-        assert_eq!(check("{ path: /etc/issue, empty: true }").eval(&t).status, Status::Fail);
-        assert_eq!(check("{ path: /etc/motd, empty: true }").eval(&t).status, Status::Fail);
-        assert_eq!(check("{ path: /etc/motd, empty: true, optional: true }").eval(&t).status, Status::Pass);
+        assert_eq!(
+            check("{ path: /etc/issue, matches: ['^Welcome'] }")
+                .eval(&t)
+                .status,
+            Status::Fail
+        );
+        assert_eq!(
+            check("{ path: /etc/hosts.allow, empty: true }")
+                .eval(&t)
+                .status,
+            Status::Pass
+        );
+        assert_eq!(
+            check("{ path: /etc/issue, empty: true }").eval(&t).status,
+            Status::Fail
+        );
+        assert_eq!(
+            check("{ path: /etc/motd, empty: true }").eval(&t).status,
+            Status::Fail
+        );
+        assert_eq!(
+            check("{ path: /etc/motd, empty: true, optional: true }")
+                .eval(&t)
+                .status,
+            Status::Pass
+        );
     }
 
     #[test]

@@ -13,9 +13,32 @@ use std::path::{Path, PathBuf};
 
 const ALWAYS_SKIPPED: &[&str] = &["/proc", "/sys", "/dev", "/run"];
 const PSEUDO_FS: &[&str] = &[
-    "proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "securityfs", "debugfs", "tracefs",
-    "bpf", "pstore", "efivarfs", "mqueue", "hugetlbfs", "configfs", "fusectl", "autofs",
-    "binfmt_misc", "rpc_pipefs", "nfs", "nfs4", "cifs", "fuse", "overlay", "squashfs", "nsfs",
+    "proc",
+    "sysfs",
+    "devtmpfs",
+    "devpts",
+    "cgroup",
+    "cgroup2",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "bpf",
+    "pstore",
+    "efivarfs",
+    "mqueue",
+    "hugetlbfs",
+    "configfs",
+    "fusectl",
+    "autofs",
+    "binfmt_misc",
+    "rpc_pipefs",
+    "nfs",
+    "nfs4",
+    "cifs",
+    "fuse",
+    "overlay",
+    "squashfs",
+    "nsfs",
 ];
 const SHOWN: usize = 20;
 
@@ -44,7 +67,11 @@ impl FsWalkCheck {
         {
             return Err("enable at least one rule".into());
         }
-        for e in self.exclude.iter().chain(self.suid_sgid_allowed.iter().flatten()) {
+        for e in self
+            .exclude
+            .iter()
+            .chain(self.suid_sgid_allowed.iter().flatten())
+        {
             if !e.starts_with('/') {
                 return Err(format!("`{e}` must be an absolute path"));
             }
@@ -73,7 +100,13 @@ impl FsWalkCheck {
         let root = t.root_dir().to_path_buf();
         let mut skip: BTreeSet<PathBuf> = ALWAYS_SKIPPED
             .iter()
-            .chain(self.exclude.iter().map(|s| s.as_str()).collect::<Vec<_>>().iter())
+            .chain(
+                self.exclude
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .iter(),
+            )
             .map(|p| host(&root, p))
             .collect();
         if t.is_live() {
@@ -101,7 +134,9 @@ impl FsWalkCheck {
         let mut walked = 0usize;
         let mut stack = vec![root.clone()];
         while let Some(dir) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for entry in rd.flatten() {
                 let path = entry.path();
                 if skip.contains(&path) {
@@ -113,12 +148,20 @@ impl FsWalkCheck {
                 let ft = md.file_type();
                 if ft.is_dir() {
                     if self.sticky_world_writable_dirs && mode & 0o002 != 0 && mode & 0o1000 == 0 {
-                        sticky_bad.push(format!("{} ({:04o})", in_target(&root, &path), mode & 0o7777));
+                        sticky_bad.push(format!(
+                            "{} ({:04o})",
+                            in_target(&root, &path),
+                            mode & 0o7777
+                        ));
                     }
                     stack.push(path.clone());
                 } else if ft.is_file() {
                     if self.no_world_writable_files && mode & 0o002 != 0 {
-                        ww_files.push(format!("{} ({:04o})", in_target(&root, &path), mode & 0o7777));
+                        ww_files.push(format!(
+                            "{} ({:04o})",
+                            in_target(&root, &path),
+                            mode & 0o7777
+                        ));
                     }
                     if let Some(allowed) = &allowed {
                         if mode & 0o6000 != 0 {
@@ -129,8 +172,16 @@ impl FsWalkCheck {
                         }
                     }
                 }
-                if self.no_unowned && !ft.is_symlink() && (!users.has_uid(md.uid()) || !users.has_gid(md.gid())) {
-                    unowned.push(format!("{} ({}:{})", in_target(&root, &path), md.uid(), md.gid()));
+                if self.no_unowned
+                    && !ft.is_symlink()
+                    && (!users.has_uid(md.uid()) || !users.has_gid(md.gid()))
+                {
+                    unowned.push(format!(
+                        "{} ({}:{})",
+                        in_target(&root, &path),
+                        md.uid(),
+                        md.gid()
+                    ));
                 }
             }
         }
@@ -144,14 +195,38 @@ impl FsWalkCheck {
             if bad.is_empty() {
                 f.ok(format!("no {what}"));
             } else {
-                let more = if bad.len() > SHOWN { format!(" (and {} more)", bad.len() - SHOWN) } else { String::new() };
-                f.bad(format!("{} {what}: {}{more}", bad.len(), bad[..bad.len().min(SHOWN)].join(", ")));
+                let more = if bad.len() > SHOWN {
+                    format!(" (and {} more)", bad.len() - SHOWN)
+                } else {
+                    String::new()
+                };
+                f.bad(format!(
+                    "{} {what}: {}{more}",
+                    bad.len(),
+                    bad[..bad.len().min(SHOWN)].join(", ")
+                ));
             }
         };
-        report(self.sticky_world_writable_dirs, "world-writable directories without the sticky bit", &mut sticky_bad);
-        report(self.no_world_writable_files, "world-writable files", &mut ww_files);
-        report(allowed.is_some(), "set-id programs outside the allowlist", &mut setid_bad);
-        report(self.no_unowned, "files with an unknown owner or group", &mut unowned);
+        report(
+            self.sticky_world_writable_dirs,
+            "world-writable directories without the sticky bit",
+            &mut sticky_bad,
+        );
+        report(
+            self.no_world_writable_files,
+            "world-writable files",
+            &mut ww_files,
+        );
+        report(
+            allowed.is_some(),
+            "set-id programs outside the allowlist",
+            &mut setid_bad,
+        );
+        report(
+            self.no_unowned,
+            "files with an unknown owner or group",
+            &mut unowned,
+        );
         f.finish()
     }
 }

@@ -39,13 +39,17 @@ pub fn modprobe_config(t: &Target) -> std::io::Result<ModprobeConfig> {
     for dir in MODPROBE_DIRS {
         for n in t.list_dir(dir)? {
             if n.ends_with(".conf") {
-                by_name.entry(n.clone()).or_insert_with(|| format!("{dir}/{n}"));
+                by_name
+                    .entry(n.clone())
+                    .or_insert_with(|| format!("{dir}/{n}"));
             }
         }
     }
     let mut cfg = ModprobeConfig::default();
     for file in by_name.values() {
-        let Some(text) = t.read_optional(file)? else { continue };
+        let Some(text) = t.read_optional(file)? else {
+            continue;
+        };
         for (i, l) in text.lines().enumerate() {
             let w: Vec<&str> = l.split_whitespace().collect();
             let origin = format!("{file}:{}", i + 1);
@@ -69,7 +73,10 @@ pub fn modprobe_config(t: &Target) -> std::io::Result<ModprobeConfig> {
 /// Whether an install command refuses the load.
 fn refuses(cmd: &str) -> bool {
     let first = cmd.split_whitespace().next().unwrap_or("");
-    matches!(first, "/bin/false" | "/usr/bin/false" | "/bin/true" | "/usr/bin/true" | "false" | "true")
+    matches!(
+        first,
+        "/bin/false" | "/usr/bin/false" | "/bin/true" | "/usr/bin/true" | "false" | "true"
+    )
 }
 
 /// Modules shipped by the kernels in the tree: (loadable, built-in).
@@ -130,12 +137,18 @@ impl KernelModuleCheck {
         for name in &self.names {
             let m = norm(name);
             if builtin.contains(&m) {
-                f.bad(format!("{name}: built into the kernel; it cannot be disabled"));
+                f.bad(format!(
+                    "{name}: built into the kernel; it cannot be disabled"
+                ));
                 continue;
             }
             match cfg.install.get(&m) {
-                Some((cmd, origin)) if refuses(cmd) => f.ok(format!("{origin}: install {name} {cmd}")),
-                Some((cmd, origin)) => f.bad(format!("{origin}: install {name} {cmd} (does not refuse the load)")),
+                Some((cmd, origin)) if refuses(cmd) => {
+                    f.ok(format!("{origin}: install {name} {cmd}"))
+                }
+                Some((cmd, origin)) => f.bad(format!(
+                    "{origin}: install {name} {cmd} (does not refuse the load)"
+                )),
                 None if kernels > 0 && !loadable.contains(&m) => {
                     f.ok(format!("{name}: not shipped by any installed kernel"))
                 }
@@ -144,12 +157,19 @@ impl KernelModuleCheck {
                     let bl = cfg
                         .blacklist
                         .get(&m)
-                        .map(|o| format!(" (only blacklisted at {o}, which still allows explicit loads)"))
+                        .map(|o| {
+                            format!(" (only blacklisted at {o}, which still allows explicit loads)")
+                        })
                         .unwrap_or_default();
-                    f.bad(format!("{name}: can be loaded: no `install {name} /bin/false`{bl}"))
+                    f.bad(format!(
+                        "{name}: can be loaded: no `install {name} /bin/false`{bl}"
+                    ))
                 }
             }
-            if loaded.lines().any(|l| l.split_whitespace().next() == Some(m.as_str())) {
+            if loaded
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(m.as_str()))
+            {
                 f.bad(format!("{name}: loaded now (/proc/modules)"));
             }
         }
@@ -173,7 +193,11 @@ mod tests {
             "kernel/fs/cramfs/cramfs.ko.xz:\nkernel/net/sctp/sctp.ko.xz: kernel/lib/libcrc32c.ko.xz\nkernel/drivers/usb/storage/usb-storage.ko.xz: kernel/drivers/usb/core/usbcore.ko.xz\n",
         )
         .unwrap();
-        fs::write(r.join("lib/modules/6.1.0-50-amd64/modules.builtin"), "kernel/fs/ext4/ext4.ko\n").unwrap();
+        fs::write(
+            r.join("lib/modules/6.1.0-50-amd64/modules.builtin"),
+            "kernel/fs/ext4/ext4.ko\n",
+        )
+        .unwrap();
         {
             let t = Target::root(r).unwrap();
             (d, t)
@@ -181,7 +205,10 @@ mod tests {
     }
 
     fn chk(names: &[&str]) -> KernelModuleCheck {
-        KernelModuleCheck { names: names.iter().map(|s| s.to_string()).collect(), disabled: true }
+        KernelModuleCheck {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            disabled: true,
+        }
     }
 
     #[test]
@@ -196,7 +223,10 @@ mod tests {
             "install cramfs /bin/false\nblacklist cramfs\ninstall usb_storage /bin/false\n",
         )
         .unwrap();
-        assert_eq!(chk(&["cramfs", "usb-storage"]).eval(&t).status, Status::Pass);
+        assert_eq!(
+            chk(&["cramfs", "usb-storage"]).eval(&t).status,
+            Status::Pass
+        );
     }
 
     #[test]

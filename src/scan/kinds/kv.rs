@@ -66,14 +66,17 @@ impl KvCheck {
         };
         let found = parse_kv(&text)
             .into_iter()
-            .filter(|(_, k, _)| k.eq_ignore_ascii_case(&self.key))
-            .last();
+            .rfind(|(_, k, _)| k.eq_ignore_ascii_case(&self.key));
         let (value, at) = match &found {
             Some((line, _, v)) => (Some(v.as_str()), format!("{}:{line}", self.path)),
             None => (None, self.path.clone()),
         };
         match self.value.test(value) {
-            Ok(()) => Outcome::pass(format!("{at}: {} = {}", self.key, value.unwrap_or("(not set)"))),
+            Ok(()) => Outcome::pass(format!(
+                "{at}: {} = {}",
+                self.key,
+                value.unwrap_or("(not set)")
+            )),
             Err(why) => Outcome::fail(format!("{at}: {} {why}", self.key)),
         }
     }
@@ -103,14 +106,22 @@ mod tests {
         )
         .unwrap();
         let t = Target::root(d.path()).unwrap();
-        let c: KvCheck = serde_yaml::from_str("{ path: /etc/audit/auditd.conf, key: max_log_file, value: 6 }").unwrap();
+        let c: KvCheck =
+            serde_yaml::from_str("{ path: /etc/audit/auditd.conf, key: max_log_file, value: 6 }")
+                .unwrap();
         let o = c.eval(&t);
         assert_eq!(o.status, Status::Fail);
         assert!(o.evidence[0].contains("auditd.conf:2"), "{o:?}");
-        let c: KvCheck =
-            serde_yaml::from_str("{ path: /etc/audit/auditd.conf, key: max_log_file_action, value: keep_logs }").unwrap();
+        let c: KvCheck = serde_yaml::from_str(
+            "{ path: /etc/audit/auditd.conf, key: max_log_file_action, value: keep_logs }",
+        )
+        .unwrap();
         assert_eq!(c.eval(&t).status, Status::Fail);
-        std::fs::write(d.path().join("etc/audit/auditd.conf"), "max_log_file_action = KEEP_LOGS\n").unwrap();
+        std::fs::write(
+            d.path().join("etc/audit/auditd.conf"),
+            "max_log_file_action = KEEP_LOGS\n",
+        )
+        .unwrap();
         assert_eq!(c.eval(&t).status, Status::Pass);
     }
 }

@@ -112,7 +112,7 @@ impl MountCheck {
             };
             let mounts = parse_mountinfo(&text);
             // The last mount on a path is the one in effect.
-            let found = mounts.iter().filter(|m| m.mount == self.path).last();
+            let found = mounts.iter().rfind(|m| m.mount == self.path);
             let Some(m) = found else {
                 return Outcome::fail(format!("{} is not a mount point", self.path));
             };
@@ -125,7 +125,7 @@ impl MountCheck {
                 Err(e) => return Outcome::error(format!("/etc/fstab: {e}")),
             };
             let entries = parse_fstab(&text);
-            let found = entries.iter().filter(|e| e.mount == self.path).last();
+            let found = entries.iter().rfind(|e| e.mount == self.path);
             let Some(e) = found else {
                 return Outcome::fail(format!("/etc/fstab has no entry for {}", self.path));
             };
@@ -139,7 +139,11 @@ impl MountCheck {
         if self.separate {
             f.ok(format!("{at} (separate)"));
         }
-        let missing: Vec<&String> = self.options.iter().filter(|o| !options.contains(o)).collect();
+        let missing: Vec<&String> = self
+            .options
+            .iter()
+            .filter(|o| !options.contains(o))
+            .collect();
         if !self.options.is_empty() {
             if missing.is_empty() {
                 f.ok(format!("{at}: has {}", self.options.join(",")));
@@ -147,7 +151,11 @@ impl MountCheck {
                 f.bad(format!(
                     "{at}: options {} lack {}",
                     options.join(","),
-                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(",")
                 ));
             }
         }
@@ -162,7 +170,9 @@ mod tests {
 
     #[test]
     fn fstab_and_mountinfo_parse() {
-        let e = parse_fstab("# c\nUUID=ab / ext4 errors=remount-ro 0 1\ntmpfs /dev/shm tmpfs nodev,nosuid,noexec 0 0\n");
+        let e = parse_fstab(
+            "# c\nUUID=ab / ext4 errors=remount-ro 0 1\ntmpfs /dev/shm tmpfs nodev,nosuid,noexec 0 0\n",
+        );
         assert_eq!(e.len(), 2);
         assert_eq!(e[1].mount, "/dev/shm");
         assert_eq!(e[1].line, 3);
@@ -180,16 +190,34 @@ mod tests {
     fn offline_uses_fstab() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("etc")).unwrap();
-        std::fs::write(d.path().join("etc/fstab"), "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n").unwrap();
+        std::fs::write(
+            d.path().join("etc/fstab"),
+            "# UNCONFIGURED FSTAB FOR BASE SYSTEM\n",
+        )
+        .unwrap();
         let t = Target::root(d.path()).unwrap();
-        let c: MountCheck = serde_yaml::from_str("{ path: /tmp, separate: true, options: [nodev, nosuid, noexec] }").unwrap();
+        let c: MountCheck = serde_yaml::from_str(
+            "{ path: /tmp, separate: true, options: [nodev, nosuid, noexec] }",
+        )
+        .unwrap();
         c.validate().unwrap();
         assert_eq!(c.eval(&t).status, Status::Fail);
-        std::fs::write(d.path().join("etc/fstab"), "UUID=1 /tmp ext4 nodev,nosuid 0 2\n").unwrap();
+        std::fs::write(
+            d.path().join("etc/fstab"),
+            "UUID=1 /tmp ext4 nodev,nosuid 0 2\n",
+        )
+        .unwrap();
         let o = c.eval(&t);
         assert_eq!(o.status, Status::Fail);
-        assert!(o.evidence.iter().any(|e| e.contains("lack noexec")), "{o:?}");
-        std::fs::write(d.path().join("etc/fstab"), "UUID=1 /tmp ext4 nodev,nosuid,noexec 0 2\n").unwrap();
+        assert!(
+            o.evidence.iter().any(|e| e.contains("lack noexec")),
+            "{o:?}"
+        );
+        std::fs::write(
+            d.path().join("etc/fstab"),
+            "UUID=1 /tmp ext4 nodev,nosuid,noexec 0 2\n",
+        )
+        .unwrap();
         assert_eq!(c.eval(&t).status, Status::Pass);
     }
 }

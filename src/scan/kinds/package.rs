@@ -64,7 +64,11 @@ impl PackageCheck {
     pub fn eval(&self, t: &Target) -> Outcome {
         let status = match t.read_optional(DPKG_STATUS) {
             Ok(Some(s)) => s,
-            Ok(None) => return Outcome::error(format!("{DPKG_STATUS} does not exist (not a dpkg-based system)")),
+            Ok(None) => {
+                return Outcome::error(format!(
+                    "{DPKG_STATUS} does not exist (not a dpkg-based system)"
+                ));
+            }
             Err(e) => return Outcome::error(format!("{DPKG_STATUS}: {e}")),
         };
         let have = installed(&status);
@@ -76,7 +80,11 @@ impl PackageCheck {
             } else {
                 f.bad(format!(
                     "installed: {}",
-                    found.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    found
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ));
             }
         }
@@ -120,11 +128,20 @@ mod tests {
         )
         .unwrap();
         let t = Target::root(d.path()).unwrap();
-        let c = PackageCheck { absent: vec!["xserver-xorg*".into()], present: vec![] };
+        let c = PackageCheck {
+            absent: vec!["xserver-xorg*".into()],
+            present: vec![],
+        };
         assert_eq!(c.eval(&t).status, Status::Fail);
-        let c = PackageCheck { absent: vec!["nis".into()], present: vec!["auditd".into()] };
+        let c = PackageCheck {
+            absent: vec!["nis".into()],
+            present: vec!["auditd".into()],
+        };
         assert_eq!(c.eval(&t).status, Status::Pass);
-        let c = PackageCheck { absent: vec![], present: vec!["openssh-server".into()] };
+        let c = PackageCheck {
+            absent: vec![],
+            present: vec!["openssh-server".into()],
+        };
         assert_eq!(c.eval(&t).status, Status::Fail);
     }
 }

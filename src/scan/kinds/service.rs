@@ -35,7 +35,11 @@ pub enum UnitState {
     Absent,
     Masked(String),
     /// Unit file found; the symlinks that enable it (empty: disabled).
-    Present { file: String, wanted_by: Vec<String>, sysv: bool },
+    Present {
+        file: String,
+        wanted_by: Vec<String>,
+        sysv: bool,
+    },
 }
 
 pub fn unit_name(n: &str) -> String {
@@ -63,7 +67,11 @@ pub fn offline_state(t: &Target, unit: &str) -> std::io::Result<UnitState> {
         }
     }
     let mut wanted_by = Vec::new();
-    for dir in ["/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system"] {
+    for dir in [
+        "/etc/systemd/system",
+        "/usr/lib/systemd/system",
+        "/lib/systemd/system",
+    ] {
         for entry in t.list_dir(dir)? {
             if entry.ends_with(".wants") || entry.ends_with(".requires") {
                 let p = format!("{dir}/{entry}/{unit}");
@@ -89,7 +97,11 @@ pub fn offline_state(t: &Target, unit: &str) -> std::io::Result<UnitState> {
     }
     Ok(match file {
         None => UnitState::Absent,
-        Some(file) => UnitState::Present { file, wanted_by, sysv },
+        Some(file) => UnitState::Present {
+            file,
+            wanted_by,
+            sysv,
+        },
     })
 }
 
@@ -152,12 +164,21 @@ impl ServiceCheck {
         let (enabled, masked, where_) = match &state {
             UnitState::Absent => (false, false, format!("{unit}: not installed")),
             UnitState::Masked(p) => (false, true, format!("{p} -> /dev/null (masked)")),
-            UnitState::Present { file, wanted_by, sysv } if wanted_by.is_empty() => (
+            UnitState::Present {
+                file,
+                wanted_by,
+                sysv,
+            } if wanted_by.is_empty() => (
                 false,
                 false,
-                format!("{file}: {} and not enabled", if *sysv { "SysV script" } else { "installed" }),
+                format!(
+                    "{file}: {} and not enabled",
+                    if *sysv { "SysV script" } else { "installed" }
+                ),
             ),
-            UnitState::Present { wanted_by, .. } => (true, false, format!("enabled: {}", wanted_by.join(", "))),
+            UnitState::Present { wanted_by, .. } => {
+                (true, false, format!("enabled: {}", wanted_by.join(", ")))
+            }
         };
         if let Some(want) = self.enabled {
             f.check(enabled == want, where_.clone());
@@ -175,10 +196,19 @@ impl ServiceCheck {
             match t.command("systemctl", &["is-enabled", unit]) {
                 Some(Ok(out)) => {
                     let state = out.stdout_str().trim().to_string();
-                    let state = if state.is_empty() { "not-found".to_string() } else { state };
+                    let state = if state.is_empty() {
+                        "not-found".to_string()
+                    } else {
+                        state
+                    };
                     let enabled = matches!(
                         state.as_str(),
-                        "enabled" | "enabled-runtime" | "alias" | "indirect" | "generated" | "linked"
+                        "enabled"
+                            | "enabled-runtime"
+                            | "alias"
+                            | "indirect"
+                            | "generated"
+                            | "linked"
                     );
                     let masked = state.starts_with("masked");
                     let ev = format!("systemctl is-enabled {unit}: {state}");
@@ -197,7 +227,10 @@ impl ServiceCheck {
             match t.command("systemctl", &["is-active", unit]) {
                 Some(Ok(out)) => {
                     let state = out.stdout_str().trim().to_string();
-                    f.check((state == "active") == want, format!("systemctl is-active {unit}: {state}"));
+                    f.check(
+                        (state == "active") == want,
+                        format!("systemctl is-active {unit}: {state}"),
+                    );
                 }
                 Some(Err(e)) => f.err(format!("systemctl is-active {unit}: {e:#}")),
                 None => unreachable!("live"),
@@ -240,7 +273,8 @@ mod tests {
         assert_eq!(c.eval(&t).status, Status::Fail);
         symlink(
             "/lib/systemd/system/auditd.service",
-            d.path().join("etc/systemd/system/multi-user.target.wants/auditd.service"),
+            d.path()
+                .join("etc/systemd/system/multi-user.target.wants/auditd.service"),
         )
         .unwrap();
         let o = c.eval(&t);
@@ -254,13 +288,18 @@ mod tests {
         assert_eq!(c.eval(&t).status, Status::Pass);
         symlink(
             "/lib/systemd/system/rsync.service",
-            d.path().join("etc/systemd/system/multi-user.target.wants/rsync.service"),
+            d.path()
+                .join("etc/systemd/system/multi-user.target.wants/rsync.service"),
         )
         .unwrap();
         assert_eq!(c.eval(&t).status, Status::Fail);
         let m = chk("{ name: rsync, masked: true }");
         assert_eq!(m.eval(&t).status, Status::Fail);
-        symlink("/dev/null", d.path().join("etc/systemd/system/rsync.service")).unwrap();
+        symlink(
+            "/dev/null",
+            d.path().join("etc/systemd/system/rsync.service"),
+        )
+        .unwrap();
         assert_eq!(m.eval(&t).status, Status::Pass);
         assert_eq!(c.eval(&t).status, Status::Pass);
     }
@@ -268,6 +307,9 @@ mod tests {
     #[test]
     fn activity_alone_is_not_applicable_offline() {
         let (_d, t) = tree();
-        assert_eq!(chk("{ name: auditd, active: true }").eval(&t).status, Status::NotApplicable);
+        assert_eq!(
+            chk("{ name: auditd, active: true }").eval(&t).status,
+            Status::NotApplicable
+        );
     }
 }

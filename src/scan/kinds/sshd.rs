@@ -46,8 +46,12 @@ fn default_of(keyword: &str) -> Option<&'static str> {
         "permittunnel" => "no",
         "strictmodes" => "yes",
         "compression" => "yes",
-        "ciphers" => "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com",
-        "macs" => "umac-64-etm@openssh.com,umac-128-etm@openssh.com,hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha1-etm@openssh.com,umac-64@openssh.com,umac-128@openssh.com,hmac-sha2-256,hmac-sha2-512,hmac-sha1",
+        "ciphers" => {
+            "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+        }
+        "macs" => {
+            "umac-64-etm@openssh.com,umac-128-etm@openssh.com,hmac-sha2-256-etm@openssh.com,hmac-sha2-512-etm@openssh.com,hmac-sha1-etm@openssh.com,umac-64@openssh.com,umac-128@openssh.com,hmac-sha2-256,hmac-sha2-512,hmac-sha1"
+        }
         _ => return None,
     })
 }
@@ -77,9 +81,7 @@ fn read_file(
     if depth > 16 {
         return Err(format!("{path}: Include nested too deeply"));
     }
-    let text = t
-        .read_to_string(path)
-        .map_err(|e| format!("{path}: {e}"))?;
+    let text = t.read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     for (i, raw) in text.lines().enumerate() {
         let l = raw.trim();
         if l.is_empty() || l.starts_with('#') {
@@ -133,10 +135,11 @@ pub fn parse_sshd_t(out: &str) -> BTreeMap<String, SshdValue> {
         if k.is_empty() {
             continue;
         }
-        m.entry(k.to_ascii_lowercase()).or_insert_with(|| SshdValue {
-            value: v.to_string(),
-            origin: "sshd -T".to_string(),
-        });
+        m.entry(k.to_ascii_lowercase())
+            .or_insert_with(|| SshdValue {
+                value: v.to_string(),
+                origin: "sshd -T".to_string(),
+            });
     }
     m
 }
@@ -189,7 +192,10 @@ impl SshdCheck {
             let key = kw.to_ascii_lowercase();
             let (value, origin) = match config.get(&key) {
                 Some(v) => (Some(v.value.clone()), v.origin.clone()),
-                None => (default_of(&key).map(str::to_string), "OpenSSH default".to_string()),
+                None => (
+                    default_of(&key).map(str::to_string),
+                    "OpenSSH default".to_string(),
+                ),
             };
             match want.test(value.as_deref()) {
                 Ok(()) => f.ok(format!("{origin}: {kw} {}", value.unwrap_or_default())),
@@ -253,8 +259,12 @@ mod tests {
 
     #[test]
     fn dropins_win_because_they_come_first() {
-        let (_d, t) = tree(Some("X11Forwarding no\nPermitRootLogin no\nCiphers aes256-ctr,aes192-ctr,aes128-ctr\nMaxAuthTries 3\n"));
-        let o = check("{ X11Forwarding: \"no\", PermitRootLogin: \"no\", MaxAuthTries: { max: 3 } }").eval(&t);
+        let (_d, t) = tree(Some(
+            "X11Forwarding no\nPermitRootLogin no\nCiphers aes256-ctr,aes192-ctr,aes128-ctr\nMaxAuthTries 3\n",
+        ));
+        let o =
+            check("{ X11Forwarding: \"no\", PermitRootLogin: \"no\", MaxAuthTries: { max: 3 } }")
+                .eval(&t);
         assert_eq!(o.status, Status::Pass, "{o:?}");
         assert!(o.evidence[0].contains("00-hardening.conf:1"));
         let ciphers = check("{ Ciphers: { subset_of: [aes128-ctr, aes192-ctr, aes256-ctr] } }");
@@ -274,6 +284,9 @@ mod tests {
     fn missing_server_is_not_applicable() {
         let d = tempfile::tempdir().unwrap();
         let t = Target::root(d.path()).unwrap();
-        assert_eq!(check("{ PermitRootLogin: \"no\" }").eval(&t).status, Status::NotApplicable);
+        assert_eq!(
+            check("{ PermitRootLogin: \"no\" }").eval(&t).status,
+            Status::NotApplicable
+        );
     }
 }

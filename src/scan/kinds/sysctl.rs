@@ -43,7 +43,9 @@ pub fn sysctl_files(t: &Target) -> std::io::Result<Vec<String>> {
         // /lib may be a symlink to /usr/lib: the same files, listed once.
         for name in t.list_dir(dir)? {
             if name.ends_with(".conf") {
-                by_name.entry(name.clone()).or_insert_with(|| format!("{dir}/{name}"));
+                by_name
+                    .entry(name.clone())
+                    .or_insert_with(|| format!("{dir}/{name}"));
             }
         }
     }
@@ -58,13 +60,17 @@ fn normalize_key(k: &str) -> String {
 pub fn settings(t: &Target) -> std::io::Result<Vec<Setting>> {
     let mut out = Vec::new();
     for file in sysctl_files(t)? {
-        let Some(text) = t.read_optional(&file)? else { continue };
+        let Some(text) = t.read_optional(&file)? else {
+            continue;
+        };
         for (i, raw) in text.lines().enumerate() {
             let l = raw.trim();
             if l.is_empty() || l.starts_with('#') || l.starts_with(';') {
                 continue;
             }
-            let Some((k, v)) = l.split_once('=') else { continue };
+            let Some((k, v)) = l.split_once('=') else {
+                continue;
+            };
             let k = k.trim().trim_start_matches('-');
             out.push(Setting {
                 file: file.clone(),
@@ -83,8 +89,7 @@ pub fn effective(settings: &[Setting], key: &str) -> Option<Setting> {
     let key = normalize_key(key);
     settings
         .iter()
-        .filter(|s| s.pattern == key || (s.pattern.contains('*') && glob_key(&s.pattern, &key)))
-        .last()
+        .rfind(|s| s.pattern == key || (s.pattern.contains('*') && glob_key(&s.pattern, &key)))
         .cloned()
 }
 
@@ -172,7 +177,10 @@ mod tests {
     }
 
     fn chk(key: &str, v: &str) -> SysctlCheck {
-        SysctlCheck { key: key.into(), value: Expect::equals(v) }
+        SysctlCheck {
+            key: key.into(),
+            value: Expect::equals(v),
+        }
     }
 
     #[test]
@@ -181,19 +189,37 @@ mod tests {
         let o = chk("net.ipv4.conf.all.rp_filter", "1").eval(&t);
         assert_eq!(o.status, Status::Fail);
         assert!(o.evidence[0].contains("50-default.conf:2"), "{o:?}");
-        assert_eq!(chk("net.ipv4.conf.all.accept_source_route", "0").eval(&t).status, Status::Pass);
+        assert_eq!(
+            chk("net.ipv4.conf.all.accept_source_route", "0")
+                .eval(&t)
+                .status,
+            Status::Pass
+        );
     }
 
     #[test]
     fn later_file_names_override_and_etc_masks_usr() {
         let (d, t) = tree();
-        fs::write(d.path().join("etc/sysctl.d/60-harden.conf"), "net/ipv4/conf/all/rp_filter=1\n").unwrap();
-        assert_eq!(chk("net.ipv4.conf.all.rp_filter", "1").eval(&t).status, Status::Pass);
+        fs::write(
+            d.path().join("etc/sysctl.d/60-harden.conf"),
+            "net/ipv4/conf/all/rp_filter=1\n",
+        )
+        .unwrap();
+        assert_eq!(
+            chk("net.ipv4.conf.all.rp_filter", "1").eval(&t).status,
+            Status::Pass
+        );
         // A same-named file in /etc replaces the one in /usr/lib.
         fs::write(d.path().join("etc/sysctl.d/50-default.conf"), "# masked\n").unwrap();
-        assert_eq!(chk("net.ipv4.conf.default.rp_filter", "1").eval(&t).status, Status::Fail);
+        assert_eq!(
+            chk("net.ipv4.conf.default.rp_filter", "1").eval(&t).status,
+            Status::Fail
+        );
         assert!(
-            chk("net.ipv4.conf.default.rp_filter", "1").eval(&t).evidence[0].contains("not set"),
+            chk("net.ipv4.conf.default.rp_filter", "1")
+                .eval(&t)
+                .evidence[0]
+                .contains("not set"),
         );
     }
 

@@ -1,0 +1,238 @@
+//! The command line as a user meets it, without root or network: listing,
+//! planning, and bad input (exit code 2, a message naming file, line and
+//! key, nothing written to the output directory).
+
+mod common;
+use common::*;
+use std::path::Path;
+
+#[test]
+fn profiles_and_stages_list() {
+    let o = stemforge(["profiles"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    for p in ["debian-bookworm", "ubuntu-jammy", "ubuntu-noble"] {
+        assert!(t.contains(p), "{t}");
+    }
+    assert!(t.contains("ubuntu-noble") && t.contains("(default)"), "{t}");
+    let o = stemforge(["stages", "--format", "json"]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let controls: usize = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["controls"].as_array().unwrap().len())
+        .sum();
+    assert!(controls >= 40, "{controls} controls");
+}
+
+#[test]
+fn ubuntu_dry_run_prints_the_full_plan_without_network() {
+    // An unroutable mirror: a dry run must not touch it.
+    let t0 = std::time::Instant::now();
+    let o = stemforge([
+        "build",
+        "--profile",
+        "ubuntu-noble",
+        "--dry-run",
+        "--mirror",
+        "http://192.0.2.1/ubuntu",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(t0.elapsed().as_secs() < 10);
+    let plan = String::from_utf8_lossy(&o.stdout);
+    for want in [
+        "ubuntu 24.04 (noble)",
+        "/usr/share/keyrings/ubuntu-archive-keyring.gpg",
+        "http://192.0.2.1/ubuntu noble main universe",
+        "http://192.0.2.1/ubuntu noble-updates main universe",
+        "http://security.ubuntu.com/ubuntu noble-security main universe",
+        "linux-image-virtual",
+        "openssh-server",
+        "/var/log/audit",
+        "50-sshd",
+        "out/ubuntu-noble.qcow2",
+    ] {
+        assert!(plan.contains(want), "plan lacks {want:?}:\n{plan}");
+    }
+    // The default profile is ubuntu-noble.
+    let o = stemforge(["build", "--dry-run"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Build plan for ubuntu-noble"));
+    let o = stemforge(["build", "--profile", "ubuntu-jammy", "--dry-run"]);
+    let plan = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        plan.contains("jammy-security main universe") && !plan.contains("systemd-resolved"),
+        "{plan}"
+    );
+}
+
+fn assert_config_error(o: &std::process::Output, file: &str, line: usize, key: &str) {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    let needle = format!("{file}:{line}:");
+    assert!(t.contains(&needle), "no {needle} in: {t}");
+    assert!(t.contains(key), "no key {key} in: {t}");
+}
+
+#[test]
+fn malformed_profile_exits_2_naming_file_line_key_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string("os-profiles/debian-bookworm.yml").unwrap();
+    let cases = [
+        (
+            good.replace("kernel: linux-image-amd64", "kernal: linux-image-amd64"),
+            "kernal",
+        ),
+        (
+            good.replace(
+                "size: 512MiB, options: [nodev, nosuid, noexec] }\n  mounts",
+                "size: 512XB, options: [nodev, nosuid, noexec] }\n  mounts",
+            ),
+            "disk.partitions[6].size",
+        ),
+        (
+            good.replace(
+                "{ mount: /home, fs: ext4, size: 256MiB, options: [nodev, nosuid] }",
+                "{ mount: /home, fs: ext4, size: 256MiB, options: [nodev, nosiud] }",
+            ),
+            "disk.partitions[5].options",
+        ),
+    ];
+    for (i, (text_, key)) in cases.iter().enumerate() {
+        assert_ne!(text_, &good, "case {i} changed nothing");
+        let file = d.path().join(format!("bad{i}.yml"));
+        std::fs::write(&file, text_).unwrap();
+        let line = text_
+            .lines()
+            .position(|l| {
+                l.contains(key.rsplit('.').next().unwrap().split('[').next().unwrap())
+                    && !good.lines().any(|g| g == l)
+            })
+            .map(|n| n + 1)
+            .unwrap();
+        let out = d.path().join("out");
+        let o = stemforge([
+            "build",
+            "--profile",
+            file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_config_error(&o, file.to_str().unwrap(), line, key);
+        assert!(!out.exists(), "case {i}: the output directory was created");
+    }
+}
+
+#[test]
+fn malformed_stage_exits_2_naming_file_line_key_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let stages = d.path().join("stages");
+    copy_dir(Path::new("stages"), &stages);
+    let yml = stages.join("50-sshd/stage.yml");
+    let good = std::fs::read_to_string(&yml).unwrap();
+    let out = d.path().join("out");
+    let run = |t: &str| {
+        std::fs::write(&yml, t).unwrap();
+        stemforge([
+            "build",
+            "--profile",
+            "debian-bookworm",
+            "--stages",
+            stages.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    // An unknown key in a control.
+    let bad = good.replacen(
+        "    severity: high\n",
+        "    severity: high\n    severty: high\n",
+        1,
+    );
+    let line = bad.lines().position(|l| l.contains("severty")).unwrap() + 1;
+    assert_config_error(&run(&bad), yml.to_str().unwrap(), line, "severty");
+    // An unknown check kind.
+    let bad = good.replacen(
+        "check: { sshd: { Protocol: \"2\" } }",
+        "check: { sshdd: { Protocol: \"2\" } }",
+        1,
+    );
+    let line = bad.lines().position(|l| l.contains("sshdd")).unwrap() + 1;
+    let o = run(&bad);
+    assert_config_error(&o, yml.to_str().unwrap(), line, "check");
+    assert!(text(&o).contains("unknown variant `sshdd`"), "{}", text(&o));
+    // A duplicate control id, reported at the second occurrence.
+    let bad = good.replacen("- id: sshd-log-level", "- id: sshd-protocol-2", 1);
+    let line = bad
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains("id: sshd-protocol-2"))
+        .nth(1)
+        .unwrap()
+        .0
+        + 1;
+    assert_config_error(&run(&bad), yml.to_str().unwrap(), line, "id");
+    assert!(!out.exists(), "the output directory was created");
+}
+
+#[test]
+fn scan_errors_and_exit_codes() {
+    let o = stemforge(["scan", "--root", "/nonexistent/tree"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("/nonexistent/tree"));
+    let o = stemforge(["scan", "--root", "/", "--control", "no-such-control"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("no-such-control"));
+    // A tree that is not an image fails its controls: exit 1, JSON report.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("etc")).unwrap();
+    std::fs::write(
+        d.path().join("etc/os-release"),
+        "ID=debian\nVERSION_CODENAME=bookworm\nPRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\n",
+    )
+    .unwrap();
+    let report = d.path().join("r.json");
+    let o = stemforge([
+        "scan",
+        "--root",
+        d.path().to_str().unwrap(),
+        "--format",
+        "json",
+        "--output",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(v["context"]["distro"], "debian");
+    assert!(
+        v["summary"]["fail"].as_u64().unwrap() > 30,
+        "{}",
+        v["summary"]
+    );
+}
+
+#[test]
+fn verify_refuses_a_missing_image() {
+    let o = stemforge(["verify", "/nonexistent/image.qcow2", "--out", "/tmp"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("/nonexistent/image.qcow2"),
+        "{}",
+        text(&o)
+    );
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let p = e.unwrap().path();
+        let to = dst.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &to);
+        } else {
+            std::fs::copy(&p, &to).unwrap();
+        }
+    }
+}

@@ -1,0 +1,480 @@
+//! End to end, as root, against the real Debian archive: a built image's
+//! tree and disk, compared with the stock tree it started from; a stage
+//! that breaks its own control; a build killed in the chroot phase.
+//! (CI also runs `make build PROFILE=debian-bookworm`: the same build,
+//! booted under QEMU and scanned from inside.)
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn scan_json(root: &Path, extra: &[&str]) -> Value {
+    let mut args = vec!["scan", "--root", root.to_str().unwrap(), "--format", "json"];
+    args.extend(extra);
+    let o = stemforge(&args);
+    assert!(matches!(o.status.code(), Some(0) | Some(1)), "{}", text(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn statuses(report: &Value) -> Vec<(String, String)> {
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn stock_tree_fails_most_controls_and_the_built_tree_passes_all() {
+    if !e2e_allowed("stock_vs_built") {
+        return;
+    }
+    let b = shared_build();
+    let stock = scan_json(&stock_tree(), &[]);
+    let built = scan_json(&b.tree, &[]);
+    let total = stock["summary"]["total"].as_u64().unwrap();
+    let failed = stock["summary"]["fail"].as_u64().unwrap();
+    assert!(total >= 40, "{total} controls");
+    assert!(
+        failed * 10 >= total * 7,
+        "stock tree: only {failed} of {total} controls fail"
+    );
+    assert_eq!(
+        built["summary"]["fail"],
+        0,
+        "{}",
+        serde_json::to_string_pretty(&built).unwrap()
+    );
+    assert_eq!(built["summary"]["error"], 0);
+    assert_eq!(built["summary"]["pass"], built["summary"]["total"]);
+    assert_eq!(built["context"]["distro"], "debian");
+}
+
+/// Controls that a stock Debian tree already satisfies ("baseline
+/// passing"), each with the change that breaks it.
+fn break_baseline(tree: &Path) -> Vec<&'static str> {
+    let w = |p: &str, s: &str| std::fs::write(tree.join(p), s).unwrap();
+    let chmod = |p: &str, m: u32| {
+        std::fs::set_permissions(tree.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+    };
+    let status = tree.join("var/lib/dpkg/status");
+    let mut s = std::fs::read_to_string(&status).unwrap();
+    for pkg in ["autofs", "prelink", "slapd"] {
+        s.push_str(&format!(
+            "\nPackage: {pkg}\nStatus: install ok installed\nVersion: 1.0\n"
+        ));
+    }
+    std::fs::write(&status, s).unwrap();
+    w("etc/machine-id", "0123456789abcdef0123456789abcdef\n");
+    let shadow = std::fs::read_to_string(tree.join("etc/shadow")).unwrap();
+    w(
+        "etc/shadow",
+        &shadow
+            .replacen("root:*:", "root:$6$c2FsdA$aGFzaA:", 1)
+            .replacen("root:!*:", "root:$6$c2FsdA$aGFzaA:", 1),
+    );
+    std::fs::create_dir_all(tree.join("var/lib/shared")).unwrap();
+    chmod("var/lib/shared", 0o777);
+    std::fs::create_dir_all(tree.join("etc/systemd/system/rescue.service.d")).unwrap();
+    w(
+        "etc/systemd/system/rescue.service.d/shell.conf",
+        "[Service]\nExecStart=\nExecStart=-/bin/sh\n",
+    );
+    w("etc/hosts.allow", "ALL: ALL\n");
+    w("etc/hosts.deny", "sshd: 192.0.2.1\n");
+    chmod("etc/hosts.deny", 0o666);
+    w(
+        "etc/ssh/sshd_config.d/00-aaa.conf",
+        "Protocol 1\nLogLevel QUIET\nHostbasedAuthentication yes\nPermitUserEnvironment yes\n",
+    );
+    std::fs::remove_file(tree.join("etc/systemd/system/multi-user.target.wants/auditd.service"))
+        .unwrap();
+    chmod("etc/issue", 0o666);
+    vec![
+        "image-machine-id-empty",
+        "image-no-passwords",
+        "fs-sticky-world-writable",
+        "fs-no-automount",
+        "boot-rescue-needs-auth",
+        "proc-no-prelink",
+        "net-hosts-allow-empty",
+        "net-hosts-deny-empty",
+        "net-hosts-files-protected",
+        "net-no-ldap-server",
+        "sshd-protocol-2",
+        "sshd-log-level",
+        "sshd-no-host-based-auth",
+        "sshd-no-user-environment",
+        "audit-enabled",
+        "banner-files-protected",
+    ]
+}
+
+#[test]
+fn every_control_has_a_tree_where_it_passes_and_one_where_it_fails() {
+    if !e2e_allowed("every_control_fails_somewhere") {
+        return;
+    }
+    let b = shared_build();
+    let built: Vec<(String, String)> = statuses(&scan_json(&b.tree, &[]));
+    let stock: Vec<(String, String)> = statuses(&scan_json(&stock_tree(), &[]));
+    let copy = scratch("broken-baseline").join("rootfs");
+    let st = Command::new("cp")
+        .args(["-a", "--reflink=auto"])
+        .arg(&b.tree)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let broken_ids = break_baseline(&copy);
+    let broken: Vec<(String, String)> = statuses(&scan_json(&copy, &[]));
+    let baseline: BTreeSet<&str> = stock
+        .iter()
+        .filter(|(_, s)| s == "pass")
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let covered: BTreeSet<&str> = broken_ids.iter().copied().collect();
+    assert_eq!(
+        baseline, covered,
+        "controls passing on a stock tree need a breaking change here"
+    );
+    for (id, status) in &built {
+        assert_eq!(status, "pass", "{id} must pass on the built tree");
+        let fails_stock = stock.iter().any(|(i, s)| i == id && s == "fail");
+        let fails_broken = broken.iter().any(|(i, s)| i == id && s == "fail");
+        assert!(fails_stock || fails_broken, "{id} fails nowhere");
+        if covered.contains(id.as_str()) {
+            assert!(
+                fails_broken,
+                "{id}: the breaking change did not make it fail"
+            );
+        }
+    }
+}
+
+/// Run a tool on a partition of the raw image, in place (`image?offset=`).
+fn at(raw: &Path, offset: u64) -> String {
+    format!("{}?offset={offset}", raw.display())
+}
+
+fn debugfs(raw: &Path, offset: u64, request: &str) -> String {
+    let o = Command::new("debugfs")
+        .args(["-R", request])
+        .arg(at(raw, offset))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "debugfs {request}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn the_disk_reads_back_as_planned() {
+    if !e2e_allowed("disk_layout") {
+        return;
+    }
+    let b = shared_build();
+    let profile = stemforge::profile::load(
+        "debian-bookworm",
+        &stemforge::profile::ProfileSource::Embedded,
+    )
+    .unwrap();
+    let disk = gpt::GptConfig::new().writable(false).open(&b.raw).unwrap();
+    let parts: Vec<&gpt::partition::Partition> = disk.partitions().values().collect();
+    assert_eq!(parts.len(), profile.disk.partitions.len());
+    assert_eq!(std::fs::metadata(&b.raw).unwrap().len(), profile.disk.size);
+    let types = [
+        stemforge::disk::types::ESP,
+        stemforge::disk::types::ROOT_X86_64,
+        stemforge::disk::types::VAR,
+        stemforge::disk::types::LINUX_DATA,
+        stemforge::disk::types::LINUX_DATA,
+        stemforge::disk::types::HOME,
+        stemforge::disk::types::LINUX_DATA,
+    ];
+    let mut uuids = Vec::new();
+    for ((gp, want), ty) in parts.iter().zip(&profile.disk.partitions).zip(types) {
+        assert_eq!(
+            gp.part_type_guid.guid.to_string().to_uppercase(),
+            ty,
+            "{}",
+            want.mount
+        );
+        assert_eq!(
+            gp.bytes_len(gpt::disk::LogicalBlockSize::Lb512).unwrap(),
+            want.size,
+            "{}",
+            want.mount
+        );
+        assert_eq!(gp.first_lba % 2048, 0, "{} is 1 MiB aligned", want.mount);
+        assert_eq!(gp.name, want.label);
+        let offset = gp.first_lba * 512;
+        if want.mount == "/boot/efi" {
+            // The ESP, copied out and checked by fsck.fat.
+            let esp = scratch("esp").join("esp.img");
+            let data = std::fs::read(&b.raw).unwrap();
+            std::fs::write(&esp, &data[offset as usize..(offset + want.size) as usize]).unwrap();
+            let o = Command::new("fsck.fat")
+                .args(["-n", "-l"])
+                .arg(&esp)
+                .output()
+                .unwrap();
+            let t = String::from_utf8_lossy(&o.stdout);
+            assert!(o.status.success(), "fsck.fat: {t}");
+            assert!(t.contains("/EFI/BOOT/BOOTX64.EFI"), "{t}");
+            continue;
+        }
+        let o = Command::new("dumpe2fs")
+            .arg("-h")
+            .arg(at(&b.raw, offset))
+            .output()
+            .unwrap();
+        let h = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let field = |name: &str| {
+            h.lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l[name.len()..].trim().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("Block size:"), "4096", "{}", want.mount);
+        assert_eq!(field("Filesystem volume name:"), want.label);
+        let features = field("Filesystem features:");
+        assert!(
+            !features.contains("orphan_file") && !features.contains("metadata_csum_seed"),
+            "{features}"
+        );
+        uuids.push((want.mount.clone(), field("Filesystem UUID:"), offset));
+    }
+    let root = uuids.iter().find(|u| u.0 == "/").unwrap().2;
+    let fstab = debugfs(&b.raw, root, "cat /etc/fstab");
+    for (mount, uuid, _) in &uuids {
+        let opts = profile
+            .disk
+            .partitions
+            .iter()
+            .find(|p| &p.mount == mount)
+            .unwrap()
+            .options
+            .join(",");
+        let want = format!(
+            "UUID={uuid}\t{mount}\text4\t{}",
+            if opts.is_empty() { "defaults" } else { &opts }
+        );
+        assert!(fstab.contains(&want), "fstab lacks {want:?}:\n{fstab}");
+    }
+    assert!(
+        fstab.contains("tmpfs\t/dev/shm\ttmpfs\tnodev,nosuid,noexec"),
+        "{fstab}"
+    );
+    // The top of /tmp is sticky and world-writable; grub.cfg is root's only.
+    let tmp = uuids.iter().find(|u| u.0 == "/tmp").unwrap().2;
+    assert!(debugfs(&b.raw, tmp, "stat /").contains("Mode:  01777"));
+    let grub = debugfs(&b.raw, root, "stat /boot/grub/grub.cfg");
+    assert!(
+        grub.contains("Mode:  0600") && grub.contains("User:     0   Group:     0"),
+        "{grub}"
+    );
+}
+
+#[test]
+fn the_image_ships_no_secrets_or_host_leftovers() {
+    if !e2e_allowed("no_secrets") {
+        return;
+    }
+    let b = shared_build();
+    let disk = gpt::GptConfig::new().writable(false).open(&b.raw).unwrap();
+    let off = |name: &str| {
+        disk.partitions()
+            .values()
+            .find(|p| p.name == name)
+            .unwrap()
+            .first_lba
+            * 512
+    };
+    let (root, var) = (off("root"), off("var"));
+    let ssh = debugfs(&b.raw, root, "ls /etc/ssh");
+    assert!(!ssh.contains("ssh_host_"), "host keys in the image: {ssh}");
+    assert_eq!(debugfs(&b.raw, root, "cat /etc/machine-id"), "");
+    assert_eq!(debugfs(&b.raw, root, "cat /etc/hostname"), "localhost\n");
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let hosts = debugfs(&b.raw, root, "cat /etc/hosts");
+    if !host.trim().is_empty() && host.trim() != "localhost" {
+        assert!(
+            !hosts.contains(host.trim()),
+            "the build host's name is in /etc/hosts"
+        );
+    }
+    let resolv = debugfs(&b.raw, root, "stat /etc/resolv.conf");
+    assert!(resolv.contains("Type: symlink"), "{resolv}");
+    let shadow = debugfs(&b.raw, root, "cat /etc/shadow");
+    for l in shadow.lines() {
+        let pw = l.split(':').nth(1).unwrap_or("");
+        assert!(
+            pw.starts_with('*') || pw.starts_with('!'),
+            "password set: {l}"
+        );
+    }
+    let lists = debugfs(&b.raw, var, "ls /lib/apt/lists");
+    assert!(
+        !lists.contains("_dists_"),
+        "apt lists in the image: {lists}"
+    );
+    assert!(!debugfs(&b.raw, root, "ls /usr/sbin").contains("policy-rc.d"));
+}
+
+#[test]
+fn a_stage_that_violates_its_own_control_fails_the_build() {
+    if !e2e_allowed("violating_stage") {
+        return;
+    }
+    let _ = shared_build(); // the bootstrap is cached by now
+    let _g = heavy();
+    let d = scratch("violating-stage");
+    let stages = d.join("stages");
+    assert!(
+        Command::new("cp")
+            .args(["-a", "stages"])
+            .arg(&stages)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let conf = stages.join("50-sshd/files/hardening.conf");
+    let text_ = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(
+        &conf,
+        text_.replace("PermitRootLogin no", "PermitRootLogin yes"),
+    )
+    .unwrap();
+    let out = d.join("out");
+    let o = stemforge([
+        "build",
+        "--profile",
+        "debian-bookworm",
+        "--stages",
+        stages.to_str().unwrap(),
+        "--no-verify",
+        "--format",
+        "raw",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("FAIL sshd-no-root-login"), "{t}");
+    assert!(
+        !out.join("debian-bookworm.raw").exists(),
+        "a failing image was published"
+    );
+    let report: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("debian-bookworm.offline-scan.json")).unwrap(),
+    )
+    .unwrap();
+    let r = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "sshd-no-root-login")
+        .unwrap();
+    assert_eq!(r["status"], "fail");
+    assert!(
+        r["evidence"][0]
+            .as_str()
+            .unwrap()
+            .contains("00-stemforge.conf:"),
+        "{r}"
+    );
+    // Only that control failed.
+    assert_eq!(report["summary"]["fail"], 1, "{}", report["summary"]);
+}
+
+/// Processes whose root directory lies under `dir` (chrooted into it).
+fn chrooted_into(dir: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(root) = std::fs::read_link(format!("/proc/{pid}/root")) {
+            if root.starts_with(dir) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    stemforge::fsutil::mounts_under(dir).unwrap()
+}
+
+#[test]
+fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
+    if !e2e_allowed("sigkill") {
+        return;
+    }
+    let _ = shared_build();
+    let _g = heavy();
+    let out = scratch("sigkill");
+    let args = [
+        "build",
+        "--profile",
+        "debian-bookworm",
+        "--no-verify",
+        "--format",
+        "raw",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut child = Command::new(bin()).args(args).spawn().unwrap();
+    let work = out.join(".work");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        if !chrooted_into(&work).is_empty() {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the build ended before its chroot phase"
+        );
+        assert!(Instant::now() < deadline, "no chroot within 10 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+    assert!(
+        mounts_under(&out).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&out)
+    );
+    // The chrooted processes die with their namespace.
+    let until = Instant::now() + Duration::from_secs(10);
+    while !chrooted_into(&work).is_empty() {
+        assert!(
+            Instant::now() < until,
+            "processes still chrooted: {:?}",
+            chrooted_into(&work)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = Command::new(bin()).args(args).output().unwrap();
+    assert!(o.status.success(), "the next build failed:\n{}", text(&o));
+    assert!(out.join("debian-bookworm.raw").exists());
+    assert!(mounts_under(&out).is_empty());
+}
