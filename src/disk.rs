@@ -453,6 +453,32 @@ fn uncarve(tree: &Path, carved: Vec<Carved>) -> Result<()> {
     Ok(())
 }
 
+/// The image files are fresh and sparse, so all zeros: tell mke2fs not to
+/// write zeros (journal, inode tables). 1.47 can say so outright, and marks
+/// the inode tables zeroed so the kernel does not zero them at first mount;
+/// older versions only skip the writing.
+fn prezeroed_option() -> &'static str {
+    static OPT: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    OPT.get_or_init(|| {
+        let v = cmd("mke2fs", ["-V"])
+            .run_unchecked()
+            .map(|o| o.stderr_str() + &o.stdout_str())
+            .unwrap_or_default();
+        let version: Vec<u32> = v
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("0")
+            .split('.')
+            .map(|p| p.parse().unwrap_or(0))
+            .collect();
+        if version >= vec![1, 47] {
+            "assume_storage_prezeroed=1"
+        } else {
+            "lazy_itable_init=1,lazy_journal_init=1"
+        }
+    })
+}
+
 /// `mkfs.ext4 -d` of `src` into a fresh image file, then give the file
 /// system's top directory the mode and owner of `src` (mke2fs does not).
 pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
@@ -489,7 +515,12 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
             "-U",
             &p.fs_uuid,
             "-E",
-            &format!("root_owner={}:{}", md.uid(), md.gid()),
+            &format!(
+                "root_owner={}:{},{}",
+                md.uid(),
+                md.gid(),
+                prezeroed_option()
+            ),
             "-d",
         ],
     )

@@ -298,13 +298,13 @@ pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
         }
     }
     if !Path::new(&plan.bootstrap.keyring).is_file() {
-        let pkg = if plan.profile.os.distro == "ubuntu" {
-            "ubuntu-keyring"
+        let hint = if plan.profile.os.distro == "ubuntu" {
+            "apt-get install ubuntu-keyring (Ubuntu hosts; elsewhere copy the file from an Ubuntu system)"
         } else {
-            "debian-archive-keyring"
+            "apt-get install debian-archive-keyring"
         };
         problems.push(format!(
-            "keyring {} not found: apt-get install {pkg}",
+            "keyring {} not found: {hint}",
             plan.bootstrap.keyring
         ));
     }
@@ -493,14 +493,7 @@ fn run_steps(
     if !offline.passed() {
         let _ = std::fs::remove_file(&raw_partial);
         let failing: Vec<String> = offline
-            .results
-            .iter()
-            .filter(|r| {
-                matches!(
-                    r.status,
-                    scan::outcome::Status::Fail | scan::outcome::Status::Error
-                )
-            })
+            .problems()
             .map(|r| {
                 format!(
                     "  {} {}: {}",

@@ -588,15 +588,7 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
     };
     // The first suite is the release itself.
     if bootstrap.suites[0] != os.codename {
-        let l = chain
-            .iter()
-            .find(|l| {
-                l.file
-                    .bootstrap
-                    .as_ref()
-                    .is_some_and(|b| b.suites.is_some())
-            })
-            .unwrap_or(child);
+        let l = bootstrap_owner(&chain, |b| b.suites.is_some());
         return Err(ConfigError::at(
             &l.path,
             &l.text,
@@ -610,15 +602,7 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
     }
     for s in bootstrap.suite_mirrors.keys() {
         if !bootstrap.suites.contains(s) {
-            let l = chain
-                .iter()
-                .find(|l| {
-                    l.file
-                        .bootstrap
-                        .as_ref()
-                        .is_some_and(|b| b.suite_mirrors.is_some())
-                })
-                .unwrap_or(child);
+            let l = bootstrap_owner(&chain, |b| b.suite_mirrors.is_some());
             return Err(ConfigError::at(
                 &l.path,
                 &l.text,
@@ -662,6 +646,14 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
         boot,
         roles,
     })
+}
+
+/// The nearest file of the chain whose bootstrap section sets a key.
+fn bootstrap_owner(chain: &[Loaded], sets: impl Fn(&BootstrapFile) -> bool) -> &Loaded {
+    chain
+        .iter()
+        .find(|l| l.file.bootstrap.as_ref().is_some_and(&sets))
+        .unwrap_or(&chain[0])
 }
 
 fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {

@@ -298,16 +298,7 @@ fn probe_kvm(fw: &Firmware, def: &VmDef, scratch: &Path) -> std::result::Result<
     )
     .arg("-machine")
     .arg(&def.machine)
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,format=raw,unit=0,readonly=on,file={}",
-        fw.code.display()
-    ))
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,format=raw,unit=1,file={}",
-        vars.display()
-    ))
+    .args(pflash(&fw.code, &vars))
     .arg("-serial")
     .arg(format!("file:{}", serial.display()))
     .spawn(&scratch.join("probe-stdout.log"), &errlog)
@@ -338,6 +329,19 @@ fn probe_kvm(fw: &Firmware, def: &VmDef, scratch: &Path) -> std::result::Result<
     };
     run.kill();
     result
+}
+
+/// The firmware as two flash drives: code read-only, variables writable.
+fn pflash(code: &Path, vars: &Path) -> [String; 4] {
+    [
+        "-drive".into(),
+        format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            code.display()
+        ),
+        "-drive".into(),
+        format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+    ]
 }
 
 fn qemu_binary() -> &'static str {
@@ -433,16 +437,7 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
     .args(["-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }])
     .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
     .args(["-smp", &def.cpus.to_string(), "-m", &def.memory])
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,format=raw,unit=0,readonly=on,file={}",
-        fw.code.display()
-    ))
-    .arg("-drive")
-    .arg(format!(
-        "if=pflash,format=raw,unit=1,file={}",
-        vars.display()
-    ))
+    .args(pflash(&fw.code, &vars))
     .arg("-drive")
     .arg(format!(
         "file={},format={format},if=virtio,cache=unsafe",
@@ -650,14 +645,7 @@ fn judge(v: &mut Verdict) {
         if !a.scan.passed() {
             let failing: Vec<String> = a
                 .scan
-                .results
-                .iter()
-                .filter(|r| {
-                    matches!(
-                        r.status,
-                        scan::outcome::Status::Fail | scan::outcome::Status::Error
-                    )
-                })
+                .problems()
                 .map(|r| {
                     format!(
                         "{} ({})",

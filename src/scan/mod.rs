@@ -134,6 +134,13 @@ impl Report {
     pub fn result(&self, id: &str) -> Option<&ControlResult> {
         self.results.iter().find(|r| r.id == id)
     }
+
+    /// The controls that failed or could not be evaluated.
+    pub fn problems(&self) -> impl Iterator<Item = &ControlResult> {
+        self.results
+            .iter()
+            .filter(|r| matches!(r.status, Status::Fail | Status::Error))
+    }
 }
 
 /// Which controls to run.

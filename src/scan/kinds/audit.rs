@@ -322,6 +322,9 @@ impl AuditRuleCheck {
     }
 
     pub fn eval(&self, t: &Target) -> Outcome {
+        if t.is_live() && crate::exec::which("auditctl").is_none() {
+            return Outcome::fail("auditd is not installed (no auditctl)");
+        }
         let rules = match load_rules(t) {
             Ok(r) => r,
             Err(e) => return Outcome::error(e),

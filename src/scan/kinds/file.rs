@@ -185,22 +185,21 @@ impl FileCheck {
         }
         if let Some(owner) = &self.owner {
             match users.uid_of(owner) {
-                Some(uid) => f.check(
-                    md.uid() == uid,
-                    format!("{path}: owner {} (want {owner})", users.user_name(md.uid())),
-                ),
+                Some(uid) if md.uid() == uid => f.ok(format!("{path}: owner {owner}")),
+                Some(_) => f.bad(format!(
+                    "{path}: owner {}, expected {owner}",
+                    users.user_name(md.uid())
+                )),
                 None => f.bad(format!("{path}: user {owner} does not exist in the target")),
             }
         }
         if let Some(group) = &self.group {
             match users.gid_of(group) {
-                Some(gid) => f.check(
-                    md.gid() == gid,
-                    format!(
-                        "{path}: group {} (want {group})",
-                        users.group_name(md.gid())
-                    ),
-                ),
+                Some(gid) if md.gid() == gid => f.ok(format!("{path}: group {group}")),
+                Some(_) => f.bad(format!(
+                    "{path}: group {}, expected {group}",
+                    users.group_name(md.gid())
+                )),
                 None => f.bad(format!(
                     "{path}: group {group} does not exist in the target"
                 )),

@@ -168,7 +168,10 @@ impl SshdCheck {
 
     pub fn eval(&self, t: &Target) -> Outcome {
         let config = if t.is_live() {
-            match t.command("sshd", &["-T"]) {
+            let Some(sshd) = crate::exec::which("sshd") else {
+                return Outcome::na("no sshd on this system: OpenSSH server not installed");
+            };
+            match t.command(&sshd.to_string_lossy(), &["-T"]) {
                 Some(Ok(out)) if out.status.success() => parse_sshd_t(&out.stdout_str()),
                 Some(Ok(out)) => {
                     return Outcome::error(format!("sshd -T failed: {}", out.stderr_str().trim()));
