@@ -27,8 +27,11 @@ deps:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 	@for p in $(APT_OPTIONAL); do \
-		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || \
-		{ apt-cache show $$p >/dev/null 2>&1 && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p; } || true; \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' && continue; \
+		cand=$$(apt-cache policy $$p 2>/dev/null | awk '/Candidate:/ {print $$2}'); \
+		if [ -n "$$cand" ] && [ "$$cand" != "(none)" ]; then \
+			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p; \
+		fi; \
 	done
 
 # A static binary: the same file runs on the host and inside any image.

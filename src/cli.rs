@@ -228,10 +228,11 @@ fn render_error(e: &anyhow::Error) -> String {
 }
 
 fn run(cli: Cli) -> Result<i32> {
+    let verbose = cli.verbose;
     match cli.command {
         Command::Build(a) => build(a),
         Command::Verify(a) => verify_cmd(a),
-        Command::Scan(a) => scan_cmd(a),
+        Command::Scan(a) => scan_cmd(a, verbose),
         Command::Profiles(a) => profiles(a),
         Command::Stages(a) => stages(a),
         Command::Agent => {
@@ -350,7 +351,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<i32> {
     Ok(if v.passed { 0 } else { 1 })
 }
 
-fn scan_cmd(a: ScanArgs) -> Result<i32> {
+fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
     let source = match &a.stages {
         Some(d) => StageSource::Dir(d.clone()),
         None => StageSource::Embedded,
@@ -381,17 +382,13 @@ fn scan_cmd(a: ScanArgs) -> Result<i32> {
     );
     let text = match a.format {
         OutputFormat::Json => scan::report::render_json(&report) + "\n",
-        OutputFormat::Text => scan::report::render_text(&report, progress_verbose()),
+        OutputFormat::Text => scan::report::render_text(&report, verbose),
     };
     match &a.output {
         Some(f) => crate::fsutil::write_atomic(f, text.as_bytes())?,
         None => print!("{text}"),
     }
     Ok(if report.passed() { 0 } else { 1 })
-}
-
-fn progress_verbose() -> bool {
-    std::env::args().any(|a| a == "-v" || a == "--verbose")
 }
 
 fn profiles(a: ListArgs) -> Result<i32> {

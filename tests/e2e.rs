@@ -478,3 +478,139 @@ fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
     assert!(out.join("debian-bookworm.raw").exists());
     assert!(mounts_under(&out).is_empty());
 }
+
+/// QEMU processes with `needle` on their command line.
+fn qemu_running(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("qemu-system") && cmdline.contains(needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_built_image_boots_and_passes_every_control_live() {
+    if !e2e_allowed("boot_and_scan_live") {
+        return;
+    }
+    let b = shared_build();
+    let _g = heavy();
+    let out = scratch("verify");
+    let o = stemforge([
+        "verify",
+        b.raw.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["passed"], true, "{t}");
+    let agent = &v["agent"];
+    assert_eq!(agent["system_state"], "running");
+    assert_eq!(agent["failed_units"].as_array().unwrap().len(), 0);
+    assert_eq!(agent["sshd_listening"], true);
+    assert!(
+        v["host_ssh_banner"]
+            .as_str()
+            .unwrap()
+            .starts_with("SSH-2.0-OpenSSH"),
+        "{}",
+        v["host_ssh_banner"]
+    );
+    assert_eq!(v["clean_shutdown"], true);
+    // Every control that applies to a running system passes inside it.
+    let scan: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("debian-bookworm.scan.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(scan["target"]["kind"], "live");
+    assert_eq!(scan["summary"]["fail"], 0, "{}", scan["summary"]);
+    assert_eq!(scan["summary"]["error"], 0);
+    for r in scan["results"].as_array().unwrap() {
+        if r["status"] == "not_applicable" {
+            assert!(
+                r["id"].as_str().unwrap().starts_with("image-"),
+                "{} is not applicable live",
+                r["id"]
+            );
+        }
+    }
+    // Live evidence comes from the running system, not from files.
+    let ev = |id: &str| {
+        scan["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()["evidence"]
+            .to_string()
+    };
+    assert!(
+        ev("sshd-no-root-login").contains("sshd -T"),
+        "{}",
+        ev("sshd-no-root-login")
+    );
+    assert!(ev("audit-rule-count").contains("audit rules"));
+    assert!(ev("fs-tmp-noexec").contains("mountinfo"));
+    let console =
+        String::from_utf8_lossy(&std::fs::read(out.join("debian-bookworm.console.log")).unwrap())
+            .into_owned();
+    assert!(
+        console.contains("stemforge agent: scan"),
+        "the agent's progress is on the console"
+    );
+    assert!(qemu_running(b.raw.to_str().unwrap()).is_empty());
+}
+
+#[test]
+fn verify_fails_in_time_and_kills_qemu_when_the_guest_never_reports() {
+    if !e2e_allowed("verify_timeout") {
+        return;
+    }
+    let _g = heavy();
+    let d = scratch("verify-timeout");
+    // A blank disk: the firmware finds nothing to boot.
+    let image = d.join("blank.raw");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let t0 = Instant::now();
+    let o = stemforge([
+        "verify",
+        image.to_str().unwrap(),
+        "--timeout",
+        "20",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("did not report within 20 s"), "{t}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("blank.verify.json")).unwrap())
+            .unwrap();
+    assert_eq!(v["passed"], false);
+    assert!(
+        d.join("blank.console.log").exists(),
+        "the console log is kept"
+    );
+    assert!(
+        qemu_running(image.to_str().unwrap()).is_empty(),
+        "QEMU was left running"
+    );
+}

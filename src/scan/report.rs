@@ -18,9 +18,13 @@ pub fn render_text(r: &Report, verbose: bool) -> String {
     } else {
         r.context.pretty_name.clone()
     };
+    let target = if r.target.kind == "live" {
+        "the live host".to_string()
+    } else {
+        format!("root tree {}", r.target.path)
+    };
     out.push_str(&format!(
-        "stemforge scan of {} {} ({os}; roles: {roles})\n\n",
-        r.target.kind, r.target.path
+        "stemforge scan of {target} ({os}; roles: {roles})\n\n"
     ));
     let width = r.results.iter().map(|c| c.id.len()).max().unwrap_or(10);
     for c in &r.results {
