@@ -179,10 +179,17 @@ pub fn fetch_release(source: &Source) -> Result<Vec<u8>> {
             source.mirror,
             source.suite
         ),
-        ureq::Error::Transport(t) => anyhow::anyhow!(
-            "mirror {} does not answer ({url}: {t}); check the network or pass --mirror URL",
-            source.mirror
-        ),
+        ureq::Error::Transport(t) => {
+            let why = t.to_string();
+            let why = why
+                .strip_prefix(&format!("{url}: "))
+                .unwrap_or(&why)
+                .to_string();
+            anyhow::anyhow!(
+                "mirror {} does not answer: {why}; check the network, or pass --mirror URL",
+                source.mirror
+            )
+        }
     })?;
     let mut body = Vec::new();
     use std::io::Read;

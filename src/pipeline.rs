@@ -348,7 +348,13 @@ pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("mirror check panicked")))
         {
             Ok(r) => releases.push(r),
-            Err(e) => problems.push(format!("{e:#}")),
+            Err(e) => {
+                // One line per unreachable mirror, however many suites it serves.
+                let p = format!("{e:#}");
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
         }
     }
     if !problems.is_empty() {

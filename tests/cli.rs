@@ -236,3 +236,34 @@ fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+#[test]
+fn preflight_fails_in_seconds_naming_the_mirror_and_writes_nothing() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let t0 = std::time::Instant::now();
+    // Nothing listens on the discard port: the connection is refused at once.
+    let o = stemforge([
+        "build",
+        "--profile",
+        "debian-bookworm",
+        "--mirror",
+        "http://127.0.0.1:9/debian",
+        "--no-verify",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{t}");
+    assert!(
+        t0.elapsed().as_secs() < 30,
+        "preflight took {:?}",
+        t0.elapsed()
+    );
+    assert!(t.contains("preflight failed"), "{t}");
+    assert!(
+        t.contains("mirror http://127.0.0.1:9/debian does not answer"),
+        "{t}"
+    );
+    assert!(!out.exists(), "the output directory was created");
+}
