@@ -129,7 +129,8 @@ fn every_control_has_a_tree_where_it_passes_and_one_where_it_fails() {
     let b = shared_build();
     let built: Vec<(String, String)> = statuses(&scan_json(&b.tree, &[]));
     let stock: Vec<(String, String)> = statuses(&scan_json(&stock_tree(), &[]));
-    let copy = scratch("broken-baseline").join("rootfs");
+    let scratch_dir = scratch("broken-baseline");
+    let copy = scratch_dir.join("rootfs");
     let st = Command::new("cp")
         .args(["-a", "--reflink=auto"])
         .arg(&b.tree)
@@ -161,6 +162,7 @@ fn every_control_has_a_tree_where_it_passes_and_one_where_it_fails() {
             );
         }
     }
+    done_with(&scratch_dir);
 }
 
 /// Run a tool on a partition of the raw image, in place (`image?offset=`).
@@ -226,8 +228,13 @@ fn the_disk_reads_back_as_planned() {
         if want.mount == "/boot/efi" {
             // The ESP, copied out and checked by fsck.fat.
             let esp = scratch("esp").join("esp.img");
-            let data = std::fs::read(&b.raw).unwrap();
-            std::fs::write(&esp, &data[offset as usize..(offset + want.size) as usize]).unwrap();
+            let mut data = vec![0u8; want.size as usize];
+            use std::os::unix::fs::FileExt;
+            std::fs::File::open(&b.raw)
+                .unwrap()
+                .read_exact_at(&mut data, offset)
+                .unwrap();
+            std::fs::write(&esp, &data).unwrap();
             let o = Command::new("fsck.fat")
                 .args(["-n", "-l"])
                 .arg(&esp)
@@ -401,6 +408,7 @@ fn a_stage_that_violates_its_own_control_fails_the_build() {
     );
     // Only that control failed.
     assert_eq!(report["summary"]["fail"], 1, "{}", report["summary"]);
+    done_with(&d);
 }
 
 /// Processes whose root directory lies under `dir` (chrooted into it).
@@ -477,6 +485,7 @@ fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
     assert!(o.status.success(), "the next build failed:\n{}", text(&o));
     assert!(out.join("debian-bookworm.raw").exists());
     assert!(mounts_under(&out).is_empty());
+    done_with(&out);
 }
 
 /// QEMU processes with `needle` on their command line.
@@ -569,6 +578,7 @@ fn the_built_image_boots_and_passes_every_control_live() {
         "the agent's progress is on the console"
     );
     assert!(qemu_running(b.raw.to_str().unwrap()).is_empty());
+    done_with(&out);
 }
 
 #[test]
@@ -613,4 +623,5 @@ fn verify_fails_in_time_and_kills_qemu_when_the_guest_never_reports() {
         qemu_running(image.to_str().unwrap()).is_empty(),
         "QEMU was left running"
     );
+    done_with(&d);
 }

@@ -60,6 +60,15 @@ pub fn scratch(name: &str) -> PathBuf {
     p
 }
 
+/// Remove a scratch directory a test no longer needs (kept when it fails,
+/// for a look).
+pub fn done_with(p: &Path) {
+    let _ = Command::new("rm")
+        .args(["-rf", "--one-file-system"])
+        .arg(p)
+        .status();
+}
+
 /// Heavy end-to-end work (builds) runs one at a time.
 pub fn heavy() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
