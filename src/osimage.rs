@@ -33,6 +33,7 @@ pub struct Applied {
 pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
     let root = chroot.root().to_path_buf();
     chroot.deny_service_starts()?;
+    use_host_resolver(&root)?;
     let mut applied = Applied::default();
 
     // Packages: bootstrap installed every `install`; purge what must go.
@@ -77,6 +78,20 @@ pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
         applied.stages.push(stage.dir_name.clone());
     }
     Ok(applied)
+}
+
+/// While stages run, name resolution in the tree uses the build host's
+/// resolver (apt and scripts may need the network); `finalize` puts the
+/// image's own resolv.conf (or none) back.
+fn use_host_resolver(root: &Path) -> Result<()> {
+    let inside = root.join("etc/resolv.conf");
+    if inside.symlink_metadata().is_ok() {
+        std::fs::remove_file(&inside).context("replacing /etc/resolv.conf for the build")?;
+    }
+    match std::fs::read("/etc/resolv.conf") {
+        Ok(text) => std::fs::write(&inside, text).context("writing the build's /etc/resolv.conf"),
+        Err(_) => Ok(()),
+    }
 }
 
 fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applied) -> Result<()> {
