@@ -336,15 +336,19 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[start..].join("\n")
 }
 
-/// Quote `s` for a POSIX shell when it needs it.
+/// Quote `s` for a POSIX shell when it needs it (plain words, options and
+/// paths stay as they are, for readable logs).
 pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
+    let plain = !s.is_empty()
         && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%^".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', r"'\''"))
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        return s.to_string();
+    }
+    match shlex::try_quote(s) {
+        Ok(q) => q.into_owned(),
+        // Only NUL bytes cannot be quoted; show them escaped.
+        Err(_) => format!("{s:?}"),
     }
 }
 
@@ -439,8 +443,9 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(shell_quote("abc/d=e"), "abc/d=e");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote(""), "''");
+        for s in ["a b", "it's", "", "$HOME;rm", "x\ny"] {
+            let q = shell_quote(s);
+            assert_eq!(shlex::split(&q).unwrap(), vec![s.to_string()], "{q}");
+        }
     }
 }

@@ -635,7 +635,15 @@ fn the_stage_engine_applies_every_action_kind_inside_a_namespaced_chroot() {
     let _g = heavy();
     let d = scratch("stage-engine");
     let tree = d.join("rootfs");
-    assert!(Command::new("cp").args(["-a", "--reflink=auto"]).arg(&stock).arg(&tree).status().unwrap().success());
+    assert!(
+        Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(&stock)
+            .arg(&tree)
+            .status()
+            .unwrap()
+            .success()
+    );
     let stages = d.join("stages");
     std::fs::create_dir_all(stages.join("10-demo/files")).unwrap();
     std::fs::write(stages.join("10-demo/files/demo.conf"), "demo = 1\n").unwrap();
@@ -671,43 +679,90 @@ controls:
 "#,
     )
     .unwrap();
-    let catalog = stemforge::stage::Catalog::load(&stemforge::stage::StageSource::Dir(stages.clone())).unwrap();
+    let catalog =
+        stemforge::stage::Catalog::load(&stemforge::stage::StageSource::Dir(stages.clone()))
+            .unwrap();
     let chroot = stemforge::chroot::Chroot::new(&tree).unwrap();
     let stage_refs: Vec<&stemforge::stage::Stage> = catalog.stages.iter().collect();
     let applied = stemforge::osimage::apply_stages(&chroot, &stage_refs).unwrap();
     assert_eq!(applied.stages, vec!["10-demo"]);
-    assert!(applied.initramfs_dirty, "a new modprobe.d file must rebuild the initramfs");
+    assert!(
+        applied.initramfs_dirty,
+        "a new modprobe.d file must rebuild the initramfs"
+    );
     let status = std::fs::read_to_string(tree.join("var/lib/dpkg/status")).unwrap();
     let installed = stemforge::scan::kinds::package::installed(&status);
     assert!(installed.contains("less") && !installed.contains("dosfstools"));
     use std::os::unix::fs::MetadataExt;
     let md = std::fs::metadata(tree.join("etc/demo/demo.conf")).unwrap();
     assert_eq!(md.mode() & 0o7777, 0o640);
-    assert_eq!(std::fs::read_to_string(tree.join("etc/demo/inline.conf")).unwrap(), "inline\n");
-    assert_eq!(std::fs::metadata(tree.join("etc/issue")).unwrap().mode() & 0o777, 0o600);
-    assert!(std::fs::read_to_string(tree.join("etc/sysctl.d/60-stemforge-demo.conf")).unwrap().contains("kernel.dmesg_restrict = 1"));
-    let modprobe = std::fs::read_to_string(tree.join("etc/modprobe.d/stemforge-demo.conf")).unwrap();
-    assert!(modprobe.contains("install cramfs /bin/false") && modprobe.contains("blacklist cramfs"));
-    assert!(!tree.join("etc/systemd/system/multi-user.target.wants/ssh.service").exists());
-    assert_eq!(std::fs::read_link(tree.join("etc/systemd/system/e2scrub_reap.service")).unwrap(), Path::new("/dev/null"));
-    assert_eq!(std::fs::read_to_string(tree.join("etc/demo-script-ran")).unwrap(), "stages/10-demo/apply.sh\n");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("etc/demo/inline.conf")).unwrap(),
+        "inline\n"
+    );
+    assert_eq!(
+        std::fs::metadata(tree.join("etc/issue")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert!(
+        std::fs::read_to_string(tree.join("etc/sysctl.d/60-stemforge-demo.conf"))
+            .unwrap()
+            .contains("kernel.dmesg_restrict = 1")
+    );
+    let modprobe =
+        std::fs::read_to_string(tree.join("etc/modprobe.d/stemforge-demo.conf")).unwrap();
+    assert!(
+        modprobe.contains("install cramfs /bin/false") && modprobe.contains("blacklist cramfs")
+    );
+    assert!(
+        !tree
+            .join("etc/systemd/system/multi-user.target.wants/ssh.service")
+            .exists()
+    );
+    assert_eq!(
+        std::fs::read_link(tree.join("etc/systemd/system/e2scrub_reap.service")).unwrap(),
+        Path::new("/dev/null")
+    );
+    assert_eq!(
+        std::fs::read_to_string(tree.join("etc/demo-script-ran")).unwrap(),
+        "stages/10-demo/apply.sh\n"
+    );
     // The control reads what the stage wrote.
     let r = scan_json(&tree, &["--stages", stages.to_str().unwrap()]);
     assert_eq!(r["summary"]["pass"], 1, "{r}");
     // Finalizing removes the service-start policy and host leftovers.
     stemforge::osimage::finalize(&chroot, false).unwrap();
     assert!(!tree.join("usr/sbin/policy-rc.d").exists());
-    assert!(std::fs::read_dir(tree.join("etc/ssh")).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().starts_with("ssh_host_")));
-    assert_eq!(std::fs::read_to_string(tree.join("etc/machine-id")).unwrap(), "");
+    assert!(
+        std::fs::read_dir(tree.join("etc/ssh"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("ssh_host_"))
+    );
+    assert_eq!(
+        std::fs::read_to_string(tree.join("etc/machine-id")).unwrap(),
+        ""
+    );
     assert!(mounts_under(&d).is_empty());
 
     // A failing script fails the stage, naming it, with its stderr.
-    std::fs::write(stages.join("10-demo/apply.sh"), "echo 'about to fail' >&2\nfalse\n").unwrap();
-    let catalog = stemforge::stage::Catalog::load(&stemforge::stage::StageSource::Dir(stages.clone())).unwrap();
+    std::fs::write(
+        stages.join("10-demo/apply.sh"),
+        "echo 'about to fail' >&2\nfalse\n",
+    )
+    .unwrap();
+    let catalog =
+        stemforge::stage::Catalog::load(&stemforge::stage::StageSource::Dir(stages.clone()))
+            .unwrap();
     let stage_refs: Vec<&stemforge::stage::Stage> = catalog.stages.iter().collect();
     let err = stemforge::osimage::apply_stages(&chroot, &stage_refs).unwrap_err();
     let msg = format!("{err:#}");
-    assert!(msg.contains("stages/10-demo/apply.sh") && msg.contains("about to fail") && msg.contains("exit status 1"), "{msg}");
+    assert!(
+        msg.contains("stages/10-demo/apply.sh")
+            && msg.contains("about to fail")
+            && msg.contains("exit status 1"),
+        "{msg}"
+    );
     assert!(mounts_under(&d).is_empty());
     done_with(&d);
 }

@@ -165,7 +165,7 @@ impl Target {
         for comp in split(pattern) {
             let mut next = Vec::new();
             for base in &found {
-                if comp.contains(['*', '?']) {
+                if comp.contains(['*', '?', '[']) {
                     let dir = if base.is_empty() { "/" } else { base.as_str() };
                     for name in self.list_dir(dir)? {
                         if (comp.starts_with('.') || !name.starts_with('.'))
@@ -209,32 +209,13 @@ fn split(path: &str) -> Vec<String> {
         .collect()
 }
 
-/// Shell-style `*` and `?` matching of one path component.
+/// Shell-style matching (`*`, `?`, `[...]`) of one path component or
+/// name; a pattern that does not parse matches only itself.
 pub fn wildcard_match(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    let (mut pi, mut ni) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ni;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ni = mark;
-        } else {
-            return false;
-        }
+    match glob::Pattern::new(pattern) {
+        Ok(p) => p.matches(name),
+        Err(_) => pattern == name,
     }
-    while pi < p.len() && p[pi] == '*' {
-        pi += 1;
-    }
-    pi == p.len()
 }
 
 #[cfg(test)]
@@ -304,6 +285,8 @@ mod tests {
         assert!(wildcard_match("*.conf", "a.conf"));
         assert!(wildcard_match("a?c", "abc"));
         assert!(!wildcard_match("a?c", "ac"));
+        assert!(wildcard_match("vport[0-9]p1", "vport3p1"));
+        assert!(wildcard_match("[", "["));
     }
 
     #[test]
