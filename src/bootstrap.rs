@@ -51,6 +51,15 @@ impl Source {
     }
 }
 
+/// Mirrors given on the command line: `--mirror` for the profile's
+/// archive, `--suite-mirror SUITE=URL` for one suite (which wins over the
+/// profile's own per-suite mirror).
+#[derive(Debug, Clone, Default)]
+pub struct MirrorOverrides {
+    pub default: Option<String>,
+    pub suites: std::collections::BTreeMap<String, String>,
+}
+
 /// Everything that decides the bootstrapped tree.
 #[derive(Debug, Clone, Serialize)]
 pub struct BootstrapSpec {
@@ -76,7 +85,7 @@ pub const INITRAMFS_CONF: &str =
 impl BootstrapSpec {
     pub fn new(
         p: &Profile,
-        mirror: Option<&str>,
+        mirrors: &MirrorOverrides,
         packages: Vec<String>,
         seed: Vec<(String, String)>,
     ) -> BootstrapSpec {
@@ -85,11 +94,13 @@ impl BootstrapSpec {
             .suites
             .iter()
             .map(|s| Source {
-                mirror: match (p.bootstrap.suite_mirrors.get(s), mirror) {
-                    (Some(m), _) => m.clone(),
-                    (None, Some(m)) => m.to_string(),
-                    (None, None) => p.bootstrap.mirror.clone(),
-                },
+                mirror: mirrors
+                    .suites
+                    .get(s)
+                    .or(p.bootstrap.suite_mirrors.get(s))
+                    .or(mirrors.default.as_ref())
+                    .unwrap_or(&p.bootstrap.mirror)
+                    .clone(),
                 suite: s.clone(),
                 components: p.bootstrap.components.clone(),
             })
@@ -243,7 +254,10 @@ mod tests {
         let p = load("debian-bookworm", &ProfileSource::Embedded).unwrap();
         let spec = BootstrapSpec::new(
             &p,
-            Some("http://mirror.example/debian"),
+            &MirrorOverrides {
+                default: Some("http://mirror.example/debian".into()),
+                ..Default::default()
+            },
             vec!["openssh-server".into()],
             vec![],
         );
@@ -260,6 +274,21 @@ mod tests {
                 "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main",
             ]
         );
+        let both = BootstrapSpec::new(
+            &p,
+            &MirrorOverrides {
+                default: Some("http://mirror.example/debian".into()),
+                suites: [(
+                    "bookworm-security".to_string(),
+                    "http://mirror.example/security".to_string(),
+                )]
+                .into(),
+            },
+            vec![],
+            vec![],
+        );
+        assert_eq!(both.sources[2].mirror, "http://mirror.example/security");
+        assert_eq!(both.sources[1].mirror, "http://mirror.example/debian");
         assert_eq!(
             spec.sources[0].inrelease_url(),
             "http://mirror.example/debian/dists/bookworm/InRelease"
@@ -275,7 +304,7 @@ mod tests {
         )];
         let spec = BootstrapSpec::new(
             &p,
-            None,
+            &MirrorOverrides::default(),
             vec!["linux-image-virtual".into(), "openssh-server".into()],
             seed,
         );
@@ -318,11 +347,16 @@ mod tests {
     #[test]
     fn cache_key_follows_inputs_and_archive() {
         let p = load("debian-bookworm", &ProfileSource::Embedded).unwrap();
-        let a = BootstrapSpec::new(&p, None, vec!["a".into()], vec![]);
-        let b = BootstrapSpec::new(&p, None, vec!["a".into(), "b".into()], vec![]);
+        let a = BootstrapSpec::new(&p, &MirrorOverrides::default(), vec!["a".into()], vec![]);
+        let b = BootstrapSpec::new(
+            &p,
+            &MirrorOverrides::default(),
+            vec!["a".into(), "b".into()],
+            vec![],
+        );
         let c = BootstrapSpec::new(
             &p,
-            None,
+            &MirrorOverrides::default(),
             vec!["a".into()],
             vec![("/etc/x".into(), "y".into())],
         );

@@ -116,6 +116,9 @@ pub struct BuildArgs {
     /// Archive mirror for the profile's suites (e.g. a local mirror)
     #[arg(long, value_name = "URL")]
     pub mirror: Option<String>,
+    /// Mirror for one suite, e.g. bookworm-security=http://m/debian-security
+    #[arg(long = "suite-mirror", value_name = "SUITE=URL")]
+    pub suite_mirrors: Vec<String>,
     /// Output directory
     #[arg(short, long, value_name = "DIR", default_value = "out")]
     pub out: PathBuf,
@@ -249,6 +252,7 @@ fn build(a: BuildArgs) -> Result<i32> {
         profiles: a.sources.profiles(),
         stages: a.sources.stages(),
         mirror: a.mirror,
+        suite_mirrors: a.suite_mirrors,
         out_dir: a.out,
         name: a.name,
         formats: a.formats,

@@ -1,7 +1,7 @@
 //! `stemforge build`: plan → preflight → bootstrap → stages → disk → scan →
 //! formats → verify, each a named, timed step.
 
-use crate::bootstrap::{self, BootstrapSpec};
+use crate::bootstrap::{self, BootstrapSpec, MirrorOverrides};
 use crate::cache::{Cache, Hit, Lock};
 use crate::chroot::Chroot;
 use crate::config::{ConfigError, format_size, locate};
@@ -25,6 +25,8 @@ pub struct BuildOptions {
     pub profiles: ProfileSource,
     pub stages: StageSource,
     pub mirror: Option<String>,
+    /// `SUITE=URL` pairs from `--suite-mirror`.
+    pub suite_mirrors: Vec<String>,
     pub out_dir: PathBuf,
     pub name: Option<String>,
     pub formats: Vec<Format>,
@@ -57,6 +59,51 @@ pub struct Plan {
     pub outputs: Vec<PathBuf>,
     pub agent_binary: PathBuf,
     pub agent_static: Option<bool>,
+}
+
+/// The command line's mirrors, checked: URLs, and suites the profile has.
+fn mirror_overrides(o: &BuildOptions, p: &Profile) -> Result<MirrorOverrides> {
+    let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+    if let Some(m) = &o.mirror {
+        if !url_ok(m) {
+            return Err(ConfigError::new(
+                "--mirror",
+                format!("`{m}` must be an http:// or https:// URL"),
+            )
+            .into());
+        }
+    }
+    let mut suites = std::collections::BTreeMap::new();
+    for pair in &o.suite_mirrors {
+        let Some((suite, url)) = pair.split_once('=') else {
+            return Err(
+                ConfigError::new("--suite-mirror", format!("`{pair}`: write SUITE=URL")).into(),
+            );
+        };
+        if !p.bootstrap.suites.iter().any(|s| s == suite) {
+            return Err(ConfigError::new(
+                "--suite-mirror",
+                format!(
+                    "profile {} has no suite `{suite}` (suites: {})",
+                    p.name,
+                    p.bootstrap.suites.join(", ")
+                ),
+            )
+            .into());
+        }
+        if !url_ok(url) {
+            return Err(ConfigError::new(
+                "--suite-mirror",
+                format!("`{url}` must be an http:// or https:// URL"),
+            )
+            .into());
+        }
+        suites.insert(suite.to_string(), url.to_string());
+    }
+    Ok(MirrorOverrides {
+        default: o.mirror.clone(),
+        suites,
+    })
 }
 
 /// Load and check everything; touch nothing. Errors here are the user's
@@ -110,9 +157,10 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         .flat_map(|s| s.packages.install.iter().cloned())
         .collect();
     let packages = profile.package_set(&stage_packages);
+    let mirrors = mirror_overrides(o, &profile)?;
     let spec = BootstrapSpec::new(
         &profile,
-        o.mirror.as_deref(),
+        &mirrors,
         packages,
         osimage::seed_files(&applicable),
     );
@@ -593,6 +641,7 @@ mod tests {
             profiles: ProfileSource::Embedded,
             stages: StageSource::Embedded,
             mirror: None,
+            suite_mirrors: vec![],
             out_dir: "out".into(),
             name: None,
             formats: vec![Format::Raw, Format::Qcow2],
@@ -639,6 +688,26 @@ mod tests {
             p.render()
                 .contains("http://mirror.internal/ubuntu noble-updates main universe")
         );
+    }
+
+    #[test]
+    fn suite_mirrors_are_checked() {
+        let mut o = opts("debian-bookworm");
+        o.suite_mirrors = vec!["bookworm-security=http://m/sec".into()];
+        let p = plan(&o).unwrap();
+        assert_eq!(p.bootstrap.sources[2].mirror, "http://m/sec");
+        for bad in [
+            "noble-security=http://m/x",
+            "bookworm-security",
+            "bookworm=ftp://m/x",
+        ] {
+            o.suite_mirrors = vec![bad.into()];
+            let e = plan(&o).unwrap_err();
+            assert!(e.downcast_ref::<ConfigError>().is_some(), "{bad}: {e}");
+        }
+        o.suite_mirrors = vec![];
+        o.mirror = Some("mirror.internal/debian".into());
+        assert!(plan(&o).is_err());
     }
 
     #[test]
