@@ -385,7 +385,7 @@ fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
         },
     );
     let text = match a.format {
-        OutputFormat::Json => scan::report::render_json(&report) + "\n",
+        OutputFormat::Json => scan::report::render_json(&report),
         OutputFormat::Text => scan::report::render_text(&report, verbose),
     };
     match &a.output {

@@ -454,7 +454,7 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     let result = run_steps(o, &plan, &releases, &work, &mut steps);
     let summary = steps.summary_table();
     progress::info(&format!("\n{summary}"));
-    let steps_json = serde_json::to_string_pretty(&steps.to_json())?;
+    let steps_json = serde_json::to_string_pretty(&steps.to_json())? + "\n";
     fsutil::write_atomic(
         &o.out_dir.join(format!("{}.steps.json", plan.name)),
         steps_json.as_bytes(),

@@ -524,7 +524,7 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
     }
     fsutil::write_atomic(
         &o.out_dir.join(format!("{}.verify.json", o.name)),
-        serde_json::to_string_pretty(&verdict)?.as_bytes(),
+        (serde_json::to_string_pretty(&verdict)? + "\n").as_bytes(),
     )?;
     Ok(verdict)
 }

@@ -54,8 +54,9 @@ pub fn render_text(r: &Report, verbose: bool) -> String {
     out
 }
 
+/// The report as pretty JSON, ending in a newline.
 pub fn render_json(r: &Report) -> String {
-    serde_json::to_string_pretty(r).expect("a report serializes")
+    serde_json::to_string_pretty(r).expect("a report serializes") + "\n"
 }
 
 /// The current UTC time as RFC 3339 (`2026-11-22T06:30:00Z`).
