@@ -115,6 +115,7 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
         {
             std::fs::remove_file(&dest).with_context(|| format!("replacing symlink {}", f.path))?;
         }
+        let changed = std::fs::read(&dest).map(|old| old != bytes).unwrap_or(true);
         std::fs::write(&dest, &bytes).with_context(|| format!("writing {}", f.path))?;
         set_owner_mode(
             &dest,
@@ -124,13 +125,15 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
             Some(&f.group),
             users,
         )?;
-        if f.path.starts_with("/etc/modprobe.d/") || f.path.starts_with("/etc/initramfs-tools/") {
+        let in_initramfs =
+            f.path.starts_with("/etc/modprobe.d/") || f.path.starts_with("/etc/initramfs-tools/");
+        if in_initramfs && changed {
             applied.initramfs_dirty = true;
         }
     }
     for p in &stage.permissions {
         let matches = t.glob(&p.path)?;
-        if matches.is_empty() && !p.path.contains(['*', '?']) {
+        if matches.is_empty() && !p.path.contains(['*', '?', '[']) {
             bail!("permissions: {} does not exist", p.path);
         }
         for m in matches {
