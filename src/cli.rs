@@ -71,19 +71,14 @@ pub struct Sources {
     pub stages: Option<PathBuf>,
 }
 
-impl Sources {
-    fn profiles(&self) -> ProfileSource {
-        match &self.profiles_dir {
-            Some(d) => ProfileSource::Dir(d.clone()),
-            None => ProfileSource::Embedded,
-        }
-    }
-    fn stages(&self) -> StageSource {
-        match &self.stages {
-            Some(d) => StageSource::Dir(d.clone()),
-            None => StageSource::Embedded,
-        }
-    }
+/// A directory given on the command line, or the compiled-in set.
+fn profile_source(dir: &Option<PathBuf>) -> ProfileSource {
+    dir.clone()
+        .map_or(ProfileSource::Embedded, ProfileSource::Dir)
+}
+
+fn stage_source(dir: &Option<PathBuf>) -> StageSource {
+    dir.clone().map_or(StageSource::Embedded, StageSource::Dir)
 }
 
 #[derive(Debug, Args)]
@@ -249,8 +244,8 @@ fn build(a: BuildArgs) -> Result<i32> {
     pipeline::check_out_dir(&a.out)?;
     let o = BuildOptions {
         profile: a.profile,
-        profiles: a.sources.profiles(),
-        stages: a.sources.stages(),
+        profiles: profile_source(&a.sources.profiles_dir),
+        stages: stage_source(&a.sources.stages),
         mirror: a.mirror,
         suite_mirrors: a.suite_mirrors,
         out_dir: a.out,
@@ -356,10 +351,7 @@ fn verify_cmd(a: VerifyArgs) -> Result<i32> {
 }
 
 fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
-    let source = match &a.stages {
-        Some(d) => StageSource::Dir(d.clone()),
-        None => StageSource::Embedded,
-    };
+    let source = stage_source(&a.stages);
     let catalog = Catalog::load(&source)?;
     for id in &a.controls {
         if !catalog.controls().any(|(_, c)| &c.id == id) {
@@ -396,10 +388,7 @@ fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
 }
 
 fn profiles(a: ListArgs) -> Result<i32> {
-    let source = match &a.profiles_dir {
-        Some(d) => ProfileSource::Dir(d.clone()),
-        None => ProfileSource::Embedded,
-    };
+    let source = profile_source(&a.profiles_dir);
     let mut list = Vec::new();
     for n in source.names()? {
         list.push(profile::load(&n, &source)?);
@@ -429,10 +418,7 @@ fn profiles(a: ListArgs) -> Result<i32> {
 }
 
 fn stages(a: StagesArgs) -> Result<i32> {
-    let source = match &a.stages {
-        Some(d) => StageSource::Dir(d.clone()),
-        None => StageSource::Embedded,
-    };
+    let source = stage_source(&a.stages);
     let catalog = Catalog::load(&source)?;
     match a.format {
         OutputFormat::Json => {

@@ -103,20 +103,7 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
             (None, Some(c)) => c.as_bytes().to_vec(),
             (None, None) => Vec::new(),
         };
-        let dest = t.resolve_with(&f.path, false)?;
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-        }
-        if dest
-            .symlink_metadata()
-            .map(|m| m.file_type().is_symlink())
-            .unwrap_or(false)
-        {
-            std::fs::remove_file(&dest).with_context(|| format!("replacing symlink {}", f.path))?;
-        }
-        let changed = std::fs::read(&dest).map(|old| old != bytes).unwrap_or(true);
-        std::fs::write(&dest, &bytes).with_context(|| format!("writing {}", f.path))?;
+        let (dest, changed) = place_file(&t, &f.path, &bytes)?;
         set_owner_mode(
             &dest,
             &f.path,
@@ -197,17 +184,30 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
     Ok(())
 }
 
-/// Write a configuration file (mode 0644); whether its content changed.
-fn write_config(t: &Target, path: &str, text: &str) -> Result<bool> {
+/// Put `bytes` at the in-tree `path`: parents created, a symlink there
+/// replaced (never written through, so nothing lands outside the tree).
+/// Returns the host path and whether the content changed.
+fn place_file(t: &Target, path: &str, bytes: &[u8]) -> Result<(PathBuf, bool)> {
     let dest = t.resolve_with(path, false)?;
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let changed = std::fs::read(&dest)
-        .map(|old| old != text.as_bytes())
-        .unwrap_or(true);
-    std::fs::write(&dest, text).with_context(|| format!("writing {path}"))?;
+    let is_link = dest
+        .symlink_metadata()
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false);
+    if is_link {
+        std::fs::remove_file(&dest).with_context(|| format!("replacing symlink {path}"))?;
+    }
+    let changed = std::fs::read(&dest).map(|old| old != bytes).unwrap_or(true);
+    std::fs::write(&dest, bytes).with_context(|| format!("writing {path}"))?;
+    Ok((dest, changed))
+}
+
+/// Write a configuration file (mode 0644); whether its content changed.
+fn write_config(t: &Target, path: &str, text: &str) -> Result<bool> {
+    let (dest, changed) = place_file(t, path, text.as_bytes())?;
     std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644))
         .with_context(|| format!("chmod {path}"))?;
     Ok(changed)
@@ -308,17 +308,11 @@ pub fn install_stemforge(
             .with_context(|| format!("writing the catalog to {AGENT_CATALOG}"))?,
     }
     for (path, mode, content) in agent_files {
-        let dest = t.resolve_with(path, false)?;
-        if let Some(parent) = dest.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(&dest, content).with_context(|| format!("writing {path}"))?;
-        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(*mode))?;
+        let (dest, _) = place_file(&t, path, content.as_bytes())?;
+        std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(*mode))
+            .with_context(|| format!("chmod {path}"))?;
     }
-    let rec = t.resolve_with(IMAGE_INFO, false)?;
-    std::fs::create_dir_all(rec.parent().expect("has a parent"))?;
-    std::fs::write(&rec, serde_json::to_vec_pretty(info)?)
-        .with_context(|| format!("writing {IMAGE_INFO}"))?;
+    place_file(&t, IMAGE_INFO, &serde_json::to_vec_pretty(info)?)?;
     Ok(())
 }
 

@@ -605,22 +605,24 @@ fn converse(
     Ok(())
 }
 
-/// Read the SSH identification string from 127.0.0.1:port.
+/// One attempt to read the SSH identification string from
+/// 127.0.0.1:port.
+fn read_ssh_banner(port: u16) -> Option<String> {
+    let addr = ([127, 0, 0, 1], port).into();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut buf = [0u8; 256];
+    let n = s.read(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    text.starts_with("SSH-").then_some(text)
+}
+
+/// The SSH banner through the VM's forwarded port, retried until `limit`.
 fn ssh_banner(port: u16, limit: Duration) -> Option<String> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        if let Ok(mut s) = std::net::TcpStream::connect_timeout(
-            &([127, 0, 0, 1], port).into(),
-            Duration::from_secs(5),
-        ) {
-            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-            let mut buf = [0u8; 256];
-            if let Ok(n) = s.read(&mut buf) {
-                let text = String::from_utf8_lossy(&buf[..n]).trim().to_string();
-                if text.starts_with("SSH-") {
-                    return Some(text);
-                }
-            }
+        if let Some(b) = read_ssh_banner(port) {
+            return Some(b);
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -787,15 +789,7 @@ pub fn run_agent() -> Result<()> {
     .lines()
     .filter_map(|l| l.split_whitespace().next().map(str::to_string))
     .collect();
-    let banner =
-        std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], 22).into(), Duration::from_secs(5))
-            .ok()
-            .and_then(|mut s| {
-                s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-                let mut buf = [0u8; 256];
-                let n = s.read(&mut buf).ok()?;
-                Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-            });
+    let banner = read_ssh_banner(22);
     println!("stemforge agent: system {state}; scanning");
     let source = if Path::new(AGENT_CATALOG).is_dir() {
         StageSource::Dir(AGENT_CATALOG.into())

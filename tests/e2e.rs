@@ -413,18 +413,19 @@ fn a_stage_that_violates_its_own_control_fails_the_build() {
 
 /// Processes whose root directory lies under `dir` (chrooted into it).
 fn chrooted_into(dir: &Path) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if let Ok(root) = std::fs::read_link(format!("/proc/{pid}/root")) {
-            if root.starts_with(dir) {
-                out.push(pid);
-            }
-        }
-    }
-    out
+    processes(|pid| {
+        std::fs::read_link(format!("/proc/{pid}/root")).is_ok_and(|r| r.starts_with(dir))
+    })
+}
+
+/// The processes (by pid) for which `pred` holds.
+fn processes(pred: impl Fn(u32) -> bool) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| pred(*pid))
+        .collect()
 }
 
 fn mounts_under(dir: &Path) -> Vec<PathBuf> {
@@ -490,18 +491,11 @@ fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
 
 /// QEMU processes with `needle` on their command line.
 fn qemu_running(needle: &str) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
+    processes(|pid| {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
-        if cmdline.starts_with("qemu-system") && cmdline.contains(needle) {
-            out.push(pid);
-        }
-    }
-    out
+        cmdline.starts_with("qemu-system") && cmdline.contains(needle)
+    })
 }
 
 #[test]

@@ -189,6 +189,24 @@ impl Target {
         Ok(out)
     }
 
+    /// The `*{suffix}` files of systemd-style configuration directories
+    /// (highest priority first): a name in an earlier directory hides the
+    /// same name in later ones; the result is in name order, the order the
+    /// files apply in. A directory that is a symlink to another lists once.
+    pub fn config_files(&self, dirs: &[&str], suffix: &str) -> io::Result<Vec<String>> {
+        let mut by_name = std::collections::BTreeMap::new();
+        for dir in dirs {
+            for name in self.list_dir(dir)? {
+                if name.ends_with(suffix) {
+                    by_name
+                        .entry(name.clone())
+                        .or_insert_with(|| format!("{dir}/{name}"));
+                }
+            }
+        }
+        Ok(by_name.into_values().collect())
+    }
+
     /// Run a command on the live host; `None` for offline targets.
     pub fn command(&self, program: &str, args: &[&str]) -> Option<Result<exec::Output>> {
         if !self.live {

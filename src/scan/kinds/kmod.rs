@@ -35,18 +35,9 @@ pub struct ModprobeConfig {
 }
 
 pub fn modprobe_config(t: &Target) -> std::io::Result<ModprobeConfig> {
-    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
-    for dir in MODPROBE_DIRS {
-        for n in t.list_dir(dir)? {
-            if n.ends_with(".conf") {
-                by_name
-                    .entry(n.clone())
-                    .or_insert_with(|| format!("{dir}/{n}"));
-            }
-        }
-    }
+    let files = t.config_files(MODPROBE_DIRS, ".conf")?;
     let mut cfg = ModprobeConfig::default();
-    for file in by_name.values() {
+    for file in &files {
         let Some(text) = t.read_optional(file)? else {
             continue;
         };

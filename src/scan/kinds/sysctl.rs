@@ -8,7 +8,6 @@ use crate::scan::expect::{Expect, deserialize_expect};
 use crate::scan::outcome::{Findings, Outcome};
 use crate::scan::target::{Target, wildcard_match};
 use serde::Deserialize;
-use std::collections::BTreeMap;
 
 /// The directories systemd-sysctl reads, highest priority first.
 pub const SYSCTL_DIRS: &[&str] = &[
@@ -38,18 +37,7 @@ pub struct Setting {
 
 /// The files systemd-sysctl would apply, in application order.
 pub fn sysctl_files(t: &Target) -> std::io::Result<Vec<String>> {
-    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
-    for dir in SYSCTL_DIRS {
-        // /lib may be a symlink to /usr/lib: the same files, listed once.
-        for name in t.list_dir(dir)? {
-            if name.ends_with(".conf") {
-                by_name
-                    .entry(name.clone())
-                    .or_insert_with(|| format!("{dir}/{name}"));
-            }
-        }
-    }
-    Ok(by_name.into_values().collect())
+    t.config_files(SYSCTL_DIRS, ".conf")
 }
 
 fn normalize_key(k: &str) -> String {
