@@ -218,17 +218,22 @@ pub fn fetch_release(source: &Source) -> Result<Vec<u8>> {
 }
 
 /// A bootstrapped tree in the cache, made if needed.
+/// The name of the cache entry that holds `spec`'s tree.
+pub fn cache_key(spec: &BootstrapSpec, releases: &[Vec<u8>]) -> String {
+    format!(
+        "{}-{}-{}",
+        spec.distro,
+        spec.codename,
+        spec.cache_key(releases)
+    )
+}
+
 pub fn bootstrap(
     cache: &Cache,
     spec: &BootstrapSpec,
     releases: &[Vec<u8>],
 ) -> Result<(PathBuf, Hit)> {
-    let key = format!(
-        "{}-{}-{}",
-        spec.distro,
-        spec.codename,
-        spec.cache_key(releases)
-    );
+    let key = cache_key(spec, releases);
     let (entry, hit) = cache.get_or_make("bootstrap", &key, |dir| {
         let tree = dir.join("rootfs");
         let seed = dir.join("seed");

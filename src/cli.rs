@@ -3,7 +3,6 @@
 //! a failed preflight or step).
 
 use crate::config::ConfigError;
-use crate::formats::Format;
 use crate::pipeline::{self, BuildOptions, PreflightError};
 use crate::profile::{self, DEFAULT_PROFILE, ProfileSource};
 use crate::progress;
@@ -120,9 +119,15 @@ pub struct BuildArgs {
     /// Base name of the outputs (default: the profile's name)
     #[arg(long)]
     pub name: Option<String>,
-    /// Image formats to write
-    #[arg(long = "format", value_enum, value_delimiter = ',', default_values_t = [Format::Raw, Format::Qcow2])]
-    pub formats: Vec<Format>,
+    /// Outputs to write, comma-separated (default: the profile's): raw,
+    /// qcow2, vmdk, ova, aws, openstack, sbom, stemcell-aws,
+    /// stemcell-vsphere, stemcell-openstack; groups: stemcells, all
+    #[arg(long = "format", value_name = "FORMATS")]
+    pub formats: Vec<String>,
+    /// The image's version (stemcells, SBOMs, OVF); default: the UTC date
+    /// of SOURCE_DATE_EPOCH (or today) as YYYYMMDD
+    #[arg(long, value_name = "VERSION")]
+    pub image_version: Option<String>,
     /// Do not boot and scan the image
     #[arg(long)]
     pub no_verify: bool,
@@ -250,7 +255,8 @@ fn build(a: BuildArgs) -> Result<i32> {
         suite_mirrors: a.suite_mirrors,
         out_dir: a.out,
         name: a.name,
-        formats: a.formats,
+        formats: (!a.formats.is_empty()).then_some(a.formats),
+        image_version: a.image_version,
         verify: !a.no_verify,
         dry_run: a.dry_run,
         cache_dir: a.vm.cache_dir,
@@ -493,13 +499,13 @@ mod tests {
     }
 
     #[test]
-    fn build_defaults_to_ubuntu_noble_raw_and_qcow2() {
+    fn build_defaults_to_ubuntu_noble_and_the_profiles_formats() {
         let cli = Cli::try_parse_from(["stemforge", "build"]).unwrap();
         let Command::Build(b) = cli.command else {
             panic!()
         };
         assert_eq!(b.profile, "ubuntu-noble");
-        assert_eq!(b.formats, vec![Format::Raw, Format::Qcow2]);
+        assert!(b.formats.is_empty());
         assert!(!b.no_verify);
     }
 

@@ -112,9 +112,7 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
             Some(&f.group),
             users,
         )?;
-        let in_initramfs =
-            f.path.starts_with("/etc/modprobe.d/") || f.path.starts_with("/etc/initramfs-tools/");
-        if in_initramfs && changed {
+        if in_initramfs(&f.path) && changed {
             applied.initramfs_dirty = true;
         }
     }
@@ -240,7 +238,30 @@ pub fn seed_files(stages: &[&Stage]) -> Vec<(String, String)> {
         crate::bootstrap::INITRAMFS_CONF.to_string(),
     )];
     files.extend(stages.iter().filter_map(|s| modprobe_config(s)));
+    // Stage files the initramfs reads (its module list, modprobe.d).
+    for st in stages {
+        for f in st.files.iter().filter(|f| in_initramfs(&f.path)) {
+            let text = match (&f.source, &f.content) {
+                (Some(src), _) => st
+                    .assets
+                    .get(src)
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default(),
+                (None, Some(c)) => c.clone(),
+                (None, None) => String::new(),
+            };
+            files.push((f.path.clone(), text));
+        }
+    }
     files
+}
+
+/// Whether the initramfs carries a copy of `path` (so changing it means
+/// rebuilding the initramfs).
+fn in_initramfs(path: &str) -> bool {
+    path.starts_with("/etc/modprobe.d/")
+        || path.starts_with("/etc/initramfs-tools/")
+        || path.starts_with("/usr/share/initramfs-tools/modules.d/")
 }
 
 fn set_owner_mode(

@@ -29,7 +29,11 @@ pub struct BuildOptions {
     pub suite_mirrors: Vec<String>,
     pub out_dir: PathBuf,
     pub name: Option<String>,
-    pub formats: Vec<Format>,
+    /// `--format` words; `None`: the profile's formats.
+    pub formats: Option<Vec<String>>,
+    /// The image's version (stemcells, SBOMs, OVF); default: the date of
+    /// SOURCE_DATE_EPOCH as YYYYMMDD.
+    pub image_version: Option<String>,
     pub verify: bool,
     pub dry_run: bool,
     pub cache_dir: PathBuf,
@@ -54,6 +58,12 @@ pub struct Plan {
     pub bootstrap: BootstrapSpec,
     pub disk: DiskPlan,
     pub formats: Vec<Format>,
+    pub version: String,
+    /// Seconds since the epoch that stand for "now" in every output.
+    pub source_date_epoch: i64,
+    /// SHA-256 over the profile, the stages, the bootstrap spec and the
+    /// stemforge version (the archive's state adds to it at build time).
+    pub input_hash: String,
     pub verify: bool,
     pub out_dir: PathBuf,
     pub outputs: Vec<PathBuf>,
@@ -165,17 +175,41 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         osimage::seed_files(&applicable),
     );
     let disk = disk::plan(&profile);
-    let mut formats = o.formats.clone();
-    formats.sort();
-    formats.dedup();
-    if o.verify && formats.is_empty() {
-        formats.push(Format::Raw);
-    }
+    let formats = match &o.formats {
+        Some(words) => Format::parse_list(words, "--format")?,
+        None => profile.formats.clone(),
+    };
+    let source_date_epoch = source_date_epoch()?;
+    let version = match &o.image_version {
+        Some(v) => check_version(v)?,
+        None => chrono::DateTime::from_timestamp(source_date_epoch, 0)
+            .context("SOURCE_DATE_EPOCH out of range")?
+            .format("%Y%m%d")
+            .to_string(),
+    };
+    let input_hash = formats::manifest::hash_json(&serde_json::json!({
+        "stemforge": crate::VERSION,
+        "profile": &profile,
+        "stages": applicable.iter().map(|s| (&s.dir_name, &s.digest)).collect::<Vec<_>>(),
+        "bootstrap": &spec,
+        "version": &version,
+        "epoch": source_date_epoch,
+    }));
     let mut outputs: Vec<PathBuf> = formats
         .iter()
-        .map(|f| o.out_dir.join(format!("{name}.{}", f.extension())))
+        .flat_map(|f| {
+            let os = format!("{}-{}", profile.os.distro, profile.os.codename);
+            formats::producer(*f).files_for(&name, &version, &os)
+        })
+        .map(|f| o.out_dir.join(f))
         .collect();
-    for suffix in ["offline-scan.json", "steps.json", "build.log"] {
+    for suffix in [
+        "offline-scan.json",
+        "steps.json",
+        "build.log",
+        "manifest.json",
+        "SHA256SUMS",
+    ] {
         outputs.push(o.out_dir.join(format!("{name}.{suffix}")));
     }
     if o.verify {
@@ -198,6 +232,9 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         bootstrap: spec,
         disk,
         formats,
+        version,
+        source_date_epoch,
+        input_hash,
         verify: o.verify,
         out_dir: o.out_dir.clone(),
         outputs,
@@ -259,7 +296,7 @@ impl Plan {
         ));
         s.push_str(&format!(
             "formats     {}\nverify      {}\nscanner     {}{}\noutputs\n",
-            self.formats.iter().map(|f| f.extension()).collect::<Vec<_>>().join(", "),
+            self.formats.iter().map(|f| f.name()).collect::<Vec<_>>().join(", "),
             if self.verify { "boot under QEMU + OVMF and scan inside" } else { "no (--no-verify)" },
             self.agent_binary.display(),
             match self.agent_static {
@@ -292,6 +329,36 @@ fn wrap(text: &str, width: usize, indent: &str) -> String {
         out.push_str(&format!("{indent}{line}\n"));
     }
     out
+}
+
+/// SOURCE_DATE_EPOCH from the environment, or now.
+fn source_date_epoch() -> Result<i64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v.trim().parse::<i64>().map_err(|_| {
+            ConfigError::new(
+                "SOURCE_DATE_EPOCH",
+                format!("`{v}` is not a number of seconds since 1970"),
+            )
+            .into()
+        }),
+        Err(_) => Ok(chrono::Utc::now().timestamp()),
+    }
+}
+
+/// An image version: what BOSH and file names accept.
+fn check_version(v: &str) -> Result<String> {
+    let ok = !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || ".-+".contains(c));
+    if !ok {
+        return Err(ConfigError::new(
+            "--image-version",
+            format!("`{v}`: use letters, digits, '.', '-' and '+'"),
+        )
+        .into());
+    }
+    Ok(v.to_string())
 }
 
 /// Whether an ELF file is statically linked (no PT_INTERP).
@@ -327,18 +394,20 @@ pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
     if unsafe { libc::geteuid() } != 0 {
         problems.push("not running as root: building needs root (chroot, file ownership in the image); run it with sudo".to_string());
     }
-    let mut tools = vec![
-        ("mmdebstrap", "mmdebstrap"),
-        ("unshare", "util-linux"),
-        ("chroot", "coreutils"),
-        ("mkfs.ext4", "e2fsprogs"),
-        ("debugfs", "e2fsprogs"),
-        ("qemu-img", "qemu-utils"),
-    ];
-    if plan.verify {
-        tools.push(("qemu-system-x86_64", "qemu-system-x86"));
-    }
-    for (tool, pkg) in tools {
+    // The table `make deps` installs from, so the two cannot drift. Its
+    // files (firmware, keyrings) are checked where they are used.
+    const HOST_TOOLS: &str = include_str!("../scripts/host-tools.tsv");
+    let tools = HOST_TOOLS
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            Some((f.next()?, f.next()?, f.next()?))
+        })
+        .filter(|(tool, _, when)| {
+            !tool.starts_with('/') && (*when == "always" || (*when == "verify" && plan.verify))
+        });
+    for (tool, pkg, _) in tools {
         if exec::which(tool).is_none() {
             problems.push(format!(
                 "{tool} not found: apt-get install {pkg} (`make deps` installs everything)"
@@ -488,13 +557,14 @@ fn run_steps(
 ) -> Result<StepsOutcome> {
     let cache = Cache::new(&o.cache_dir);
     let tree = work.join("rootfs");
-    let base = steps.run("bootstrap", |s| {
+    let (base, bootstrap_key) = steps.run("bootstrap", |s| {
         let (base, hit) = bootstrap::bootstrap(&cache, &plan.bootstrap, releases)?;
+        let key = bootstrap::cache_key(&plan.bootstrap, releases);
         s.note(match hit {
             Hit::Hit => "cache hit",
             Hit::Miss => "cache miss",
         });
-        Ok(base)
+        Ok((base, key))
     })?;
     let chroot = steps.run("stages", |s| {
         progress::activity("copying the bootstrapped tree");
@@ -523,8 +593,7 @@ fn run_steps(
         s.note(format!("{} stages", applied.stages.len()));
         Ok(chroot)
     })?;
-    let raw = o.out_dir.join(format!("{}.raw", plan.name));
-    let raw_partial = fsutil::partial_path(&raw);
+    let raw_partial = work.join(format!("{}.raw", plan.name));
     steps.run("disk", |s| {
         let r = disk::assemble(&chroot, &plan.profile, &plan.disk, work, &raw_partial)?;
         s.note(format!("kernel {}", r.kernel));
@@ -567,34 +636,39 @@ fn run_steps(
         ));
         return Ok((Vec::new(), offline, None));
     }
-    let mut artifacts = Vec::new();
-    steps.run("raw", |s| {
-        fsutil::commit(&raw_partial, &raw)?;
-        let a = Artifact::of(Format::Raw, &raw)?;
-        s.note(format!(
-            "{} virtual, {} on disk",
-            format_size(a.size),
-            format_size(a.disk_usage)
-        ));
-        if plan.formats.contains(&Format::Raw) {
-            artifacts.push(a);
-        }
-        Ok(())
+    let (products, timings) = steps.run("formats", |s| {
+        let job = formats::Job {
+            name: &plan.name,
+            profile: &plan.profile,
+            version: &plan.version,
+            tree: &tree,
+            apt_lists: Some(&base.join("var/lib/apt/lists")),
+            disk: &raw_partial,
+            out_dir: &o.out_dir,
+            work,
+            wanted: &plan.formats.iter().copied().collect(),
+            epoch: plan.source_date_epoch,
+            input_hash: &plan.input_hash,
+            bosh_agent: None,
+        };
+        let closure = Format::closure(&plan.formats);
+        let (products, timings) = formats::produce_all(&job, &closure)?;
+        s.note(format!("{} formats", closure.len()));
+        Ok((products, timings))
     })?;
-    if plan.formats.contains(&Format::Qcow2) {
-        let a = steps.run("qcow2", |s| {
-            let a = formats::qcow2(&raw, &o.out_dir.join(format!("{}.qcow2", plan.name)))?;
-            s.note(format_size(a.size));
-            Ok(a)
-        })?;
-        artifacts.push(a);
+    for t in &timings {
+        steps.record_sub(t.format.name(), t.seconds, &t.note);
     }
+    let artifacts: Vec<Artifact> = products
+        .iter()
+        .filter(|(f, _)| plan.formats.contains(f))
+        .flat_map(|(_, v)| v.iter().cloned())
+        .collect();
     let verdict = if o.verify {
-        let image = artifacts
-            .iter()
-            .find(|a| a.format == Format::Qcow2)
-            .map(|a| a.path.clone())
-            .unwrap_or_else(|| raw.clone());
+        let image = formats::input(&products, Format::Qcow2, ".qcow2")
+            .or_else(|_| formats::input(&products, Format::Raw, ".raw"))?
+            .path
+            .clone();
         let v = steps.run("verify", |s| {
             let v = verify::verify(&VerifyOptions {
                 image,
@@ -617,10 +691,82 @@ fn run_steps(
         steps.skip("verify", "--no-verify");
         None
     };
-    if !plan.formats.contains(&Format::Raw) {
-        std::fs::remove_file(&raw).with_context(|| format!("removing {}", raw.display()))?;
-    }
+    steps.run("manifest", |s| {
+        let (manifest, _) = write_manifest(o, plan, &tree, bootstrap_key, &artifacts)?;
+        s.note(format!("{} files", artifacts.len()));
+        progress::detail(&format!("manifest: {}", manifest.display()));
+        Ok(())
+    })?;
     Ok((artifacts, offline, verdict))
+}
+
+/// `NAME.manifest.json` and `NAME.SHA256SUMS` over the outputs and the
+/// reports beside them.
+fn write_manifest(
+    o: &BuildOptions,
+    plan: &Plan,
+    tree: &Path,
+    bootstrap_key: String,
+    artifacts: &[Artifact],
+) -> Result<(PathBuf, PathBuf)> {
+    use formats::manifest::{Inputs, Manifest, Named, SCHEMA, hash_json};
+    let packages = formats::sbom::read_packages(tree, None)?
+        .into_iter()
+        .map(|p| {
+            let key = if p.architecture == "all" || p.architecture == "amd64" {
+                p.name
+            } else {
+                format!("{}:{}", p.name, p.architecture)
+            };
+            (key, p.version)
+        })
+        .collect();
+    let stages = plan
+        .catalog
+        .stages
+        .iter()
+        .filter(|st| plan.stages.contains(&st.dir_name))
+        .map(|st| Named {
+            name: st.dir_name.clone(),
+            sha256: st.digest.clone(),
+        })
+        .collect();
+    let b = &plan.bootstrap;
+    let inputs = Inputs {
+        profile: Named {
+            name: plan.profile.name.clone(),
+            sha256: hash_json(&plan.profile),
+        },
+        stages,
+        bootstrap_key,
+        sources: b.sources.iter().map(|s| s.deb_line(&b.keyring)).collect(),
+        keyring: b.keyring.clone(),
+        packages,
+        host_tools: formats::manifest::host_tools(),
+        bosh_agent: "none".into(),
+    };
+    let manifest = Manifest {
+        schema: SCHEMA,
+        name: plan.name.clone(),
+        version: plan.version.clone(),
+        stemforge_version: crate::VERSION.to_string(),
+        source_date_epoch: plan.source_date_epoch,
+        input_hash: hash_json(&(&plan.input_hash, &inputs)),
+        inputs,
+        outputs: Vec::new(),
+    };
+    let mut files: Vec<(PathBuf, String)> = artifacts
+        .iter()
+        .map(|a| (a.path.clone(), a.format.name().to_string()))
+        .collect();
+    let report = |suffix: &str| o.out_dir.join(format!("{}.{suffix}", plan.name));
+    files.push((report("offline-scan.json"), "report".into()));
+    for suffix in ["scan.json", "verify.json", "console.log"] {
+        if plan.verify && report(suffix).exists() {
+            files.push((report(suffix), "report".into()));
+        }
+    }
+    formats::manifest::write(&o.out_dir, manifest, &files)
 }
 
 /// Refuse an output directory that is a file, before anything is written.
@@ -644,7 +790,8 @@ mod tests {
             suite_mirrors: vec![],
             out_dir: "out".into(),
             name: None,
-            formats: vec![Format::Raw, Format::Qcow2],
+            formats: None,
+            image_version: None,
             verify: true,
             dry_run: true,
             cache_dir: "/var/cache/stemforge".into(),

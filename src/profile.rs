@@ -15,6 +15,10 @@ pub const DEFAULT_PROFILE: &str = "ubuntu-noble";
 /// partition (alignment) and 1 MiB at the end for the backup table.
 pub const GPT_OVERHEAD: u64 = 2 << 20;
 
+/// The outputs of a profile that names none.
+pub const DEFAULT_FORMATS: &[crate::formats::Format] =
+    &[crate::formats::Format::Raw, crate::formats::Format::Qcow2];
+
 /// A loaded, validated profile.
 #[derive(Debug, Clone, Serialize)]
 pub struct Profile {
@@ -29,6 +33,8 @@ pub struct Profile {
     pub disk: Disk,
     pub boot: Boot,
     pub roles: Vec<String>,
+    /// The outputs a build writes unless `--format` says otherwise.
+    pub formats: Vec<crate::formats::Format>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +140,7 @@ struct ProfileFile {
     disk: Option<DiskFile>,
     boot: Option<BootFile>,
     roles: Option<Vec<String>>,
+    formats: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -634,7 +641,16 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
     };
     let roles = pick!(roles).unwrap_or_default();
     let description = pick!(description).unwrap_or_default();
+    let formats = match chain.iter().find(|l| l.file.formats.is_some()) {
+        Some(l) => {
+            let words = l.file.formats.clone().unwrap_or_default();
+            crate::formats::Format::parse_list(&words, "formats")
+                .map_err(|e| ConfigError::at(&l.path, &l.text, "formats", "^formats:", e.message))?
+        }
+        None => DEFAULT_FORMATS.to_vec(),
+    };
     Ok(Profile {
+        formats,
         name,
         description,
         sources,

@@ -191,6 +191,17 @@ impl Steps {
         });
     }
 
+    /// Record a part of the step that just ran, timed by its caller (parts
+    /// that ran side by side): shown indented under it.
+    pub fn record_sub(&mut self, name: &str, seconds: f64, note: &str) {
+        self.records.push(StepRecord {
+            name: format!("  {name}"),
+            seconds,
+            status: StepStatus::Ok,
+            note: note.to_string(),
+        });
+    }
+
     /// Attach a short note to the running step (shown in the summary).
     pub fn note(&self, note: impl Into<String>) {
         let mut n = self.note.lock().unwrap_or_else(|p| p.into_inner());

@@ -33,6 +33,9 @@ pub struct Stage {
     pub controls: Vec<Control>,
     /// The contents of `files/`, by relative name.
     pub assets: BTreeMap<String, Vec<u8>>,
+    /// SHA-256 over stage.yml and every file beside it: the stage's
+    /// identity in build manifests.
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -619,7 +622,24 @@ fn build_stage(
             stage: file.name.clone(),
         });
     }
+    let digest = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(text.as_bytes());
+        if let Some((name, body)) = &script {
+            h.update(name.as_bytes());
+            h.update(body.as_bytes());
+        }
+        for (name, bytes) in &assets {
+            h.update((name.len() as u64).to_le_bytes());
+            h.update(name.as_bytes());
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(bytes);
+        }
+        hex::encode(h.finalize())
+    };
     Ok(Stage {
+        digest,
         dir_name: dir.to_string(),
         order,
         name: file.name,

@@ -81,8 +81,15 @@ fn malformed_profile_exits_2_naming_file_line_key_and_writes_nothing() {
     let good = std::fs::read_to_string("os-profiles/debian-bookworm.yml").unwrap();
     let cases = [
         (
-            good.replace("kernel: linux-image-amd64", "kernal: linux-image-amd64"),
+            good.replace(
+                "kernel: linux-image-cloud-amd64",
+                "kernal: linux-image-cloud-amd64",
+            ),
             "kernal",
+        ),
+        (
+            good.replace("formats: [all]", "formats: [raw, vhdx]"),
+            "formats",
         ),
         (
             good.replace(
@@ -266,4 +273,48 @@ fn preflight_fails_in_seconds_naming_the_mirror_and_writes_nothing() {
         "{t}"
     );
     assert!(!out.exists(), "the output directory was created");
+}
+
+#[test]
+fn unknown_formats_and_bad_versions_exit_2_before_any_work() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    for (args, needle) in [
+        (
+            vec!["--format", "raw,vhdx"],
+            "--format: unknown format `vhdx`",
+        ),
+        (vec!["--image-version", "1/2"], "--image-version"),
+    ] {
+        let mut argv = vec!["build", "--profile", "debian-bookworm", "--out"];
+        argv.push(out.to_str().unwrap());
+        argv.extend(args);
+        let o = stemforge(&argv);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{t}");
+        assert!(t.contains(needle), "no {needle:?} in: {t}");
+        assert!(!out.exists(), "{argv:?} wrote {}", out.display());
+    }
+    // Every format and group plans; the plan names each output.
+    let o = stemforge([
+        "build",
+        "--profile",
+        "debian-bookworm",
+        "--format",
+        "all",
+        "--image-version",
+        "2.5",
+        "--dry-run",
+    ]);
+    let plan = String::from_utf8_lossy(&o.stdout);
+    for f in [
+        "debian-bookworm.vmdk",
+        "debian-bookworm.ova",
+        "debian-bookworm.aws.json",
+        "debian-bookworm.cdx.json",
+        "bosh-stemcell-2.5-vsphere-esxi-debian-bookworm-go_agent.tgz",
+        "debian-bookworm.SHA256SUMS",
+    ] {
+        assert!(plan.contains(f), "{f} not in the plan:\n{plan}");
+    }
 }

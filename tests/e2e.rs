@@ -36,10 +36,9 @@ fn statuses(report: &Value) -> Vec<(String, String)> {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn stock_tree_fails_most_controls_and_the_built_tree_passes_all() {
-    if !e2e_allowed("stock_vs_built") {
-        return;
-    }
+    require_root();
     let b = shared_build();
     let stock = scan_json(&stock_tree(), &[]);
     let built = scan_json(&b.tree, &[]);
@@ -122,10 +121,9 @@ fn break_baseline(tree: &Path) -> Vec<&'static str> {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn every_control_has_a_tree_where_it_passes_and_one_where_it_fails() {
-    if !e2e_allowed("every_control_fails_somewhere") {
-        return;
-    }
+    require_root();
     let b = shared_build();
     let built: Vec<(String, String)> = statuses(&scan_json(&b.tree, &[]));
     let stock: Vec<(String, String)> = statuses(&scan_json(&stock_tree(), &[]));
@@ -185,10 +183,9 @@ fn debugfs(raw: &Path, offset: u64, request: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn the_disk_reads_back_as_planned() {
-    if !e2e_allowed("disk_layout") {
-        return;
-    }
+    require_root();
     let b = shared_build();
     let profile = stemforge::profile::load(
         "debian-bookworm",
@@ -299,10 +296,9 @@ fn the_disk_reads_back_as_planned() {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn the_image_ships_no_secrets_or_host_leftovers() {
-    if !e2e_allowed("no_secrets") {
-        return;
-    }
+    require_root();
     let b = shared_build();
     let disk = gpt::GptConfig::new().writable(false).open(&b.raw).unwrap();
     let off = |name: &str| {
@@ -345,10 +341,9 @@ fn the_image_ships_no_secrets_or_host_leftovers() {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn a_stage_that_violates_its_own_control_fails_the_build() {
-    if !e2e_allowed("violating_stage") {
-        return;
-    }
+    require_root();
     let _ = shared_build(); // the bootstrap is cached by now
     let _g = heavy();
     let d = scratch("violating-stage");
@@ -433,10 +428,9 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
-    if !e2e_allowed("sigkill") {
-        return;
-    }
+    require_root();
     let _ = shared_build();
     let _g = heavy();
     let out = scratch("sigkill");
@@ -499,10 +493,9 @@ fn qemu_running(needle: &str) -> Vec<u32> {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn the_built_image_boots_and_passes_every_control_live() {
-    if !e2e_allowed("boot_and_scan_live") {
-        return;
-    }
+    require_root();
     let b = shared_build();
     let _g = heavy();
     let out = scratch("verify");
@@ -576,10 +569,9 @@ fn the_built_image_boots_and_passes_every_control_live() {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn verify_fails_in_time_and_kills_qemu_when_the_guest_never_reports() {
-    if !e2e_allowed("verify_timeout") {
-        return;
-    }
+    require_root();
     let _g = heavy();
     let d = scratch("verify-timeout");
     // A blank disk: the firmware finds nothing to boot.
@@ -621,10 +613,9 @@ fn verify_fails_in_time_and_kills_qemu_when_the_guest_never_reports() {
 }
 
 #[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
 fn the_stage_engine_applies_every_action_kind_inside_a_namespaced_chroot() {
-    if !e2e_allowed("stage_engine") {
-        return;
-    }
+    require_root();
     let stock = stock_tree();
     let _g = heavy();
     let d = scratch("stage-engine");
@@ -759,4 +750,274 @@ controls:
     );
     assert!(mounts_under(&d).is_empty());
     done_with(&d);
+}
+
+/// Members of a tar archive, in order, as GNU tar lists them.
+fn tar_members(archive: &Path, gzip: bool) -> Vec<String> {
+    let o = Command::new("tar")
+        .arg(if gzip { "-tzf" } else { "-tf" })
+        .arg(archive)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tar -t {}: {o:?}", archive.display());
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// One member of a tar archive, read with GNU tar.
+fn tar_member(archive: &Path, member: &str, gzip: bool) -> Vec<u8> {
+    let o = Command::new("tar")
+        .arg(if gzip { "-xzOf" } else { "-xOf" })
+        .arg(archive)
+        .arg(member)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tar -x {member}: {o:?}");
+    o.stdout
+}
+
+fn hex_digest<D: sha2::Digest>(bytes: &[u8]) -> String {
+    D::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn every_output_passes_the_validator_its_consumers_use() {
+    use common::validate::{check_cyclonedx, check_ovf, check_spdx};
+    require_root();
+    let b = shared_build();
+    let out = &b.out;
+    let f = |name: &str| out.join(format!("debian-bookworm.{name}"));
+
+    // SHA256SUMS: sha256sum -c passes over every output and the manifest.
+    let o = Command::new("sha256sum")
+        .args(["-c", "debian-bookworm.SHA256SUMS"])
+        .current_dir(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let sums = std::fs::read_to_string(f("SHA256SUMS")).unwrap();
+    for name in [
+        "raw",
+        "qcow2",
+        "vmdk",
+        "ovf",
+        "ova",
+        "aws.json",
+        "openstack.json",
+        "spdx.json",
+        "cdx.json",
+        "manifest.json",
+    ] {
+        assert!(
+            sums.contains(&format!("  debian-bookworm.{name}\n")),
+            "{name} not in SHA256SUMS:\n{sums}"
+        );
+    }
+    assert_eq!(sums.matches("go_agent.tgz\n").count(), 3, "{sums}");
+
+    // The manifest names the inputs and every output with its hash.
+    let m: Value =
+        serde_json::from_str(&std::fs::read_to_string(f("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["version"], "1.0");
+    assert!(
+        m["inputs"]["packages"]["openssh-server"].is_string(),
+        "{}",
+        m["inputs"]["packages"]
+    );
+    assert!(m["inputs"]["packages"]["cloud-init"].is_string());
+    assert!(
+        m["inputs"]["host_tools"]["qemu-utils"].is_string(),
+        "{}",
+        m["inputs"]["host_tools"]
+    );
+    assert!(
+        m["inputs"]["bootstrap_key"]
+            .as_str()
+            .unwrap()
+            .starts_with("debian-bookworm-")
+    );
+    let stages = m["inputs"]["stages"].as_array().unwrap();
+    assert!(
+        stages
+            .iter()
+            .any(|s| s["name"] == "05-cloud" && s["sha256"].as_str().unwrap().len() == 64)
+    );
+    for o in m["outputs"].as_array().unwrap() {
+        let line = format!(
+            "{}  {}\n",
+            o["sha256"].as_str().unwrap(),
+            o["file"].as_str().unwrap()
+        );
+        assert!(sums.contains(&line), "{line} not in SHA256SUMS");
+    }
+
+    // VMDK: a streamOptimized sparse extent, complete to its end marker.
+    let vmdk = stemforge::formats::vmware::check_vmdk(&f("vmdk")).unwrap();
+    assert_eq!(
+        (vmdk.version, vmdk.create_type.as_str()),
+        (3, "streamOptimized")
+    );
+    let head = std::fs::read(f("vmdk")).unwrap();
+    assert_eq!(&head[..4], b"KDMV");
+    assert_eq!(vmdk.capacity_bytes, 5 << 30);
+
+    // OVF against the DMTF schema; OVA: .ovf, .mf, .vmdk in that order,
+    // and the .mf's hashes are the members'.
+    check_ovf(&f("ovf")).unwrap();
+    let members = tar_members(&f("ova"), false);
+    assert_eq!(
+        members,
+        [
+            "debian-bookworm.ovf",
+            "debian-bookworm.mf",
+            "debian-bookworm.vmdk"
+        ]
+    );
+    let mf = String::from_utf8(tar_member(&f("ova"), "debian-bookworm.mf", false)).unwrap();
+    for member in ["debian-bookworm.ovf", "debian-bookworm.vmdk"] {
+        let bytes = tar_member(&f("ova"), member, false);
+        let line = format!("SHA256({member})= {}", hex_digest::<sha2::Sha256>(&bytes));
+        assert!(mf.lines().any(|l| l == line), "{line} not in\n{mf}");
+    }
+
+    // SBOMs: their formats' own validators, and every installed package.
+    check_spdx(&f("spdx.json")).unwrap();
+    check_cyclonedx(&f("cdx.json")).unwrap();
+    let installed = std::fs::read_to_string(b.tree.join("var/lib/dpkg/status"))
+        .unwrap()
+        .split("\n\n")
+        .filter(|p| p.contains("Status: install ok installed"))
+        .count();
+    let cdx: Value =
+        serde_json::from_str(&std::fs::read_to_string(f("cdx.json")).unwrap()).unwrap();
+    assert_eq!(cdx["components"].as_array().unwrap().len(), installed);
+    assert!(cdx["components"].as_array().unwrap().iter().any(|c| {
+        c["purl"]
+            .as_str()
+            .unwrap()
+            .starts_with("pkg:deb/debian/openssh-server@")
+            && c["purl"].as_str().unwrap().contains("distro=debian-12")
+    }));
+
+    // Cloud metadata.
+    let aws: Value =
+        serde_json::from_str(&std::fs::read_to_string(f("aws.json")).unwrap()).unwrap();
+    let aws_text = aws.to_string();
+    for needle in [
+        "x86_64",
+        "uefi",
+        "ena",
+        "/dev/xvda",
+        "v2.0",
+        "debian-bookworm.raw",
+    ] {
+        assert!(aws_text.contains(needle), "{needle} not in {aws_text}");
+    }
+    let os: Value =
+        serde_json::from_str(&std::fs::read_to_string(f("openstack.json")).unwrap()).unwrap();
+    let os_text = os.to_string();
+    for needle in [
+        "hw_firmware_type",
+        "uefi",
+        "hw_machine_type",
+        "hw_disk_bus",
+        "hw_vif_model",
+        "\"os_distro\":\"debian\"",
+        "\"os_version\":\"12\"",
+    ] {
+        assert!(os_text.contains(needle), "{needle} not in {os_text}");
+    }
+
+    // BOSH stemcells: stemcell.MF's typing rules, and sha1 of `image`.
+    for (iaas, hv, inner) in [
+        ("aws", "xen-hvm", vec!["root.img"]),
+        ("openstack", "kvm", vec!["root.img"]),
+        (
+            "vsphere",
+            "esxi",
+            vec![
+                "debian-bookworm.ovf",
+                "debian-bookworm.mf",
+                "debian-bookworm.vmdk",
+            ],
+        ),
+    ] {
+        let tgz = out.join(format!(
+            "bosh-stemcell-1.0-{iaas}-{hv}-debian-bookworm-go_agent.tgz"
+        ));
+        let members = tar_members(&tgz, true);
+        for m in [
+            "stemcell.MF",
+            "image",
+            "packages.txt",
+            "dev_tools_file_list.txt",
+            "sbom.spdx.json",
+            "sbom.cdx.json",
+        ] {
+            assert!(
+                members.iter().any(|x| x == m),
+                "{m} not in {}: {members:?}",
+                tgz.display()
+            );
+        }
+        let mf = String::from_utf8(tar_member(&tgz, "stemcell.MF", true)).unwrap();
+        for key in ["name", "version", "operating_system", "sha1"] {
+            let line = mf
+                .lines()
+                .find(|l| l.starts_with(&format!("{key}:")))
+                .unwrap_or_else(|| panic!("{key} in\n{mf}"));
+            let value = line.split_once(':').unwrap().1.trim();
+            assert!(
+                value.starts_with('"') || value.starts_with('\''),
+                "{key} is not a quoted string: {line}"
+            );
+        }
+        assert!(mf.lines().any(|l| l == "api_version: 3"), "{mf}");
+        let doc: serde_yaml::Value = serde_yaml::from_str(&mf).unwrap();
+        assert_eq!(doc["operating_system"].as_str(), Some("debian-bookworm"));
+        assert_eq!(
+            doc["cloud_properties"]["infrastructure"].as_str(),
+            Some(iaas)
+        );
+        assert!(doc["bosh_protocol"].as_u64().is_some() || doc["bosh_protocol"].as_str().is_some());
+        let image = tar_member(&tgz, "image", true);
+        assert_eq!(
+            doc["sha1"].as_str(),
+            Some(hex_digest::<sha1::Sha1>(&image).as_str())
+        );
+        let d = scratch(&format!("stemcell-{iaas}"));
+        std::fs::write(d.join("image"), &image).unwrap();
+        assert_eq!(tar_members(&d.join("image"), true), inner);
+        done_with(&d);
+    }
+    // The cloud drivers are in the initramfs.
+    let initrd = std::fs::read_dir(b.tree.join("boot"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("initrd.img-"))
+        .expect("an initramfs");
+    let chroot = stemforge::chroot::Chroot::new(&b.tree).unwrap();
+    let list = chroot
+        .run(&["lsinitramfs", &format!("/boot/{initrd}")])
+        .unwrap()
+        .stdout_str();
+    for module in [
+        "vmw_pvscsi.ko",
+        "vmxnet3.ko",
+        "ena.ko",
+        "virtio_blk.ko",
+        "virtio_net.ko",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(module)),
+            "{module} not in the initramfs"
+        );
+    }
 }

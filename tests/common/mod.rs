@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod validate;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -29,22 +31,15 @@ pub fn text(o: &Output) -> String {
     )
 }
 
-/// End-to-end tests need root (chroot, mkfs ownership) and the Debian
-/// archive. Without root they are skipped, unless STEMFORGE_REQUIRE_E2E=1
-/// (CI, `make test` as root), which turns a skip into a failure.
-pub fn e2e_allowed(test: &str) -> bool {
+/// End-to-end tests are `#[ignore]`d (they need root and the archive);
+/// run explicitly without root, they fail here with the reason.
+pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let required = std::env::var("STEMFORGE_REQUIRE_E2E").is_ok_and(|v| v == "1");
-    if root {
-        return true;
-    }
     assert!(
-        !required,
-        "{test}: STEMFORGE_REQUIRE_E2E=1 but not running as root"
+        root,
+        "this test needs root (chroot, file ownership): run it as root"
     );
-    eprintln!("SKIPPED {test}: needs root and network (run `make test` as root)");
-    false
 }
 
 /// Scratch space under target/ (same file system as the build outputs).
@@ -75,8 +70,8 @@ pub fn heavy() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// One debian-bookworm build without verify, kept for every test of this
-/// binary: (out dir, raw image, hardened tree).
+/// One debian-bookworm build of every output without verify, kept for
+/// every test of this binary: (out dir, raw image, hardened tree).
 pub struct SharedBuild {
     pub out: PathBuf,
     pub raw: PathBuf,
@@ -95,7 +90,9 @@ pub fn shared_build() -> &'static SharedBuild {
             "debian-bookworm",
             "--no-verify",
             "--format",
-            "raw",
+            "all",
+            "--image-version",
+            "1.0",
             "--keep-work",
             "--out",
             out.to_str().unwrap(),

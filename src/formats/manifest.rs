@@ -1,0 +1,268 @@
+//! `NAME.SHA256SUMS` and `NAME.manifest.json`: what a build was made from
+//! and what it wrote, so that a third party can check every file
+//! (`sha256sum -c NAME.SHA256SUMS` in the output directory) and rebuild
+//! from the same inputs.
+
+use crate::fsutil;
+use anyhow::{Context, Result};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// The manifest's layout version; bump it when a field changes meaning.
+pub const SCHEMA: &str = "stemforge-manifest/1";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub schema: &'static str,
+    pub name: String,
+    pub version: String,
+    pub stemforge_version: String,
+    pub source_date_epoch: i64,
+    /// SHA-256 over every input below: equal inputs, equal hash.
+    pub input_hash: String,
+    pub inputs: Inputs,
+    pub outputs: Vec<Output>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Inputs {
+    pub profile: Named,
+    pub stages: Vec<Named>,
+    /// The bootstrap cache entry: the profile's package set, sources and
+    /// the archive's signed Release files.
+    pub bootstrap_key: String,
+    /// `deb` lines of the archive sources.
+    pub sources: Vec<String>,
+    pub keyring: String,
+    /// The image's packages: `name` (`name:arch` for foreign ones) to version.
+    pub packages: BTreeMap<String, String>,
+    /// Versions of the host packages that made the image.
+    pub host_tools: BTreeMap<String, String>,
+    /// The BOSH agent in the image: its version, or "none".
+    pub bosh_agent: String,
+}
+
+/// An input by name and content hash.
+#[derive(Debug, Clone, Serialize)]
+pub struct Named {
+    pub name: String,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Output {
+    pub file: String,
+    pub kind: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The host packages whose versions a manifest records.
+pub const HOST_PACKAGES: &[&str] = &[
+    "mmdebstrap",
+    "e2fsprogs",
+    "dosfstools",
+    "qemu-utils",
+    "qemu-system-x86",
+    "ovmf",
+    "seabios",
+];
+
+/// Versions of [`HOST_PACKAGES`] installed on this host (missing ones are
+/// left out).
+pub fn host_tools() -> BTreeMap<String, String> {
+    let out = crate::exec::cmd("dpkg-query", ["-W", "-f", "${Package} ${Version}\\n"])
+        .args(HOST_PACKAGES)
+        .run_unchecked()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(p, v)| (p.to_string(), v.to_string()))
+        .collect()
+}
+
+/// SHA-256 of a file, streamed (a sparse disk reads its holes as zeros).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Hash `files` on every core, keeping their order.
+pub fn sha256_files(files: &[PathBuf]) -> Result<Vec<String>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(files.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Vec<(usize, Result<String>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(f) = files.get(i) else { break };
+                        mine.push((i, sha256_file(f)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("hashing thread panicked"))
+            .collect()
+    });
+    let mut ordered: Vec<(usize, Result<String>)> = results.into_iter().flatten().collect();
+    ordered.sort_by_key(|(i, _)| *i);
+    ordered.into_iter().map(|(_, r)| r).collect()
+}
+
+/// The text of a SHA256SUMS file: `HEX  NAME` per line, as `sha256sum`
+/// writes it, sorted by name.
+pub fn sums_text(entries: &[(String, String)]) -> String {
+    let mut sorted: Vec<&(String, String)> = entries.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    sorted
+        .iter()
+        .map(|(name, hex)| format!("{hex}  {name}\n"))
+        .collect()
+}
+
+/// Hash every file in `files` (all in `out_dir`), write the manifest, then
+/// `NAME.SHA256SUMS` over the files and the manifest. Returns both paths.
+pub fn write(
+    out_dir: &Path,
+    mut manifest: Manifest,
+    files: &[(PathBuf, String)],
+) -> Result<(PathBuf, PathBuf)> {
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let hashes = sha256_files(&paths)?;
+    let mut sums = Vec::new();
+    manifest.outputs.clear();
+    for ((path, kind), sha256) in files.iter().zip(hashes) {
+        let file = path
+            .strip_prefix(out_dir)
+            .with_context(|| format!("{} is not in {}", path.display(), out_dir.display()))?
+            .to_string_lossy()
+            .into_owned();
+        let size = path
+            .metadata()
+            .with_context(|| format!("stat {}", path.display()))?
+            .len();
+        sums.push((file.clone(), sha256.clone()));
+        manifest.outputs.push(Output {
+            file,
+            kind: kind.clone(),
+            size,
+            sha256,
+        });
+    }
+    manifest.outputs.sort_by(|a, b| a.file.cmp(&b.file));
+    let json = serde_json::to_string_pretty(&manifest)? + "\n";
+    let manifest_path = out_dir.join(format!("{}.manifest.json", manifest.name));
+    fsutil::write_atomic(&manifest_path, json.as_bytes())?;
+    sums.push((
+        format!("{}.manifest.json", manifest.name),
+        hex::encode(Sha256::digest(json.as_bytes())),
+    ));
+    let sums_path = out_dir.join(format!("{}.SHA256SUMS", manifest.name));
+    fsutil::write_atomic(&sums_path, sums_text(&sums).as_bytes())?;
+    Ok((manifest_path, sums_path))
+}
+
+/// SHA-256 over a canonical JSON rendering of `value`.
+pub fn hash_json<T: Serialize>(value: &T) -> String {
+    let bytes = serde_json::to_vec(value).expect("inputs serialize");
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_hashes_match_known_vectors_and_keep_order() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("a");
+        let b = d.path().join("b");
+        std::fs::write(&a, b"abc").unwrap();
+        std::fs::write(&b, b"").unwrap();
+        let h = sha256_files(&[a, b]).unwrap();
+        assert_eq!(
+            h[0],
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(
+            h[1],
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert!(sha256_files(&[d.path().join("missing")]).is_err());
+    }
+
+    #[test]
+    fn sums_are_what_sha256sum_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("x.raw");
+        std::fs::write(&img, vec![7u8; 3 << 20]).unwrap();
+        let m = Manifest {
+            schema: SCHEMA,
+            name: "x".into(),
+            version: "0.0.1".into(),
+            stemforge_version: crate::VERSION.into(),
+            source_date_epoch: 0,
+            input_hash: "0".into(),
+            inputs: Inputs {
+                profile: Named {
+                    name: "p".into(),
+                    sha256: "0".into(),
+                },
+                stages: vec![],
+                bootstrap_key: "k".into(),
+                sources: vec![],
+                keyring: "k".into(),
+                packages: BTreeMap::new(),
+                host_tools: BTreeMap::new(),
+                bosh_agent: "none".into(),
+            },
+            outputs: vec![],
+        };
+        let (manifest, sums) = write(d.path(), m, &[(img.clone(), "raw".into())]).unwrap();
+        let o = std::process::Command::new("sha256sum")
+            .arg("-c")
+            .arg(&sums)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(v["outputs"][0]["file"], "x.raw");
+        assert_eq!(v["outputs"][0]["size"], 3 << 20);
+        // A changed byte is caught.
+        std::fs::write(&img, vec![8u8; 3 << 20]).unwrap();
+        let o = std::process::Command::new("sha256sum")
+            .arg("-c")
+            .arg(&sums)
+            .current_dir(d.path())
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+    }
+}
