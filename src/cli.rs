@@ -43,6 +43,8 @@ pub enum Command {
     Build(BuildArgs),
     /// Boot an image under QEMU and run the compliance scan inside it
     Verify(VerifyArgs),
+    /// Boot an image under QEMU for a person: prints the ssh command
+    Boot(BootArgs),
     /// Scan a root tree or the live host against the controls
     Scan(ScanArgs),
     /// List the OS profiles
@@ -148,9 +150,26 @@ pub struct BuildArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
-    /// The image (raw or qcow2)
+pub struct BootArgs {
+    /// The image (raw, qcow2 or vmdk)
     pub image: PathBuf,
+    /// The hardware to boot it on (default: vsphere for a .vmdk, else kvm)
+    #[arg(long, value_enum, value_name = "CLOUD")]
+    pub boot_as: Option<verify::BootAs>,
+    /// Where the guest's serial console goes (default: IMAGE.boot.log)
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The image (raw, qcow2 or vmdk)
+    pub image: PathBuf,
+    /// The hardware to boot it on (default: vsphere for a .vmdk, else kvm)
+    #[arg(long, value_enum, value_name = "CLOUD")]
+    pub boot_as: Option<verify::BootAs>,
     /// Where the console log and reports go (default: beside the image)
     #[arg(short, long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -235,6 +254,7 @@ fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Build(a) => build(a),
         Command::Verify(a) => verify_cmd(a),
+        Command::Boot(a) => boot_cmd(a),
         Command::Scan(a) => scan_cmd(a, verbose),
         Command::Profiles(a) => profiles(a),
         Command::Stages(a) => stages(a),
@@ -276,7 +296,7 @@ fn build(a: BuildArgs) -> Result<i32> {
             "name": built.plan.name,
             "artifacts": built.artifacts,
             "offline_scan": built.offline.summary,
-            "verify": built.verdict,
+            "verify": built.verdicts,
             "steps": built.steps.to_json(),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -288,7 +308,7 @@ fn build(a: BuildArgs) -> Result<i32> {
                 crate::config::format_size(art.disk_usage)
             );
         }
-        if let Some(v) = &built.verdict {
+        for v in &built.verdicts {
             print_verdict(v);
         }
     }
@@ -312,6 +332,34 @@ fn print_verdict(v: &verify::Verdict) {
         }
         println!("  console log: {}", v.console_log.display());
     }
+}
+
+/// `--boot-as`, or the hardware an image's file name suggests.
+fn boot_as(given: Option<verify::BootAs>, image: &std::path::Path) -> verify::BootAs {
+    given.unwrap_or(if image.extension().is_some_and(|e| e == "vmdk") {
+        verify::BootAs::Vsphere
+    } else {
+        verify::BootAs::Kvm
+    })
+}
+
+fn boot_cmd(a: BootArgs) -> Result<i32> {
+    let console = a.console.unwrap_or_else(|| {
+        let mut p = a.image.clone().into_os_string();
+        p.push(".boot.log");
+        PathBuf::from(p)
+    });
+    let how = verify::boot(&verify::BootOptions {
+        boot_as: boot_as(a.boot_as, &a.image),
+        image: a.image,
+        firmware: a.vm.firmware,
+        accel: a.vm.accel,
+        vm_def: a.vm.vm,
+        cache_dir: a.vm.cache_dir,
+        console,
+    })?;
+    progress::info(&format!("QEMU: {how}"));
+    Ok(0)
 }
 
 fn verify_cmd(a: VerifyArgs) -> Result<i32> {
@@ -346,6 +394,13 @@ fn verify_cmd(a: VerifyArgs) -> Result<i32> {
             timeout: a.vm.timeout,
             vm_def: a.vm.vm,
             cache_dir: a.vm.cache_dir,
+            boot_as: a
+                .boot_as
+                .unwrap_or(if a.image.extension().is_some_and(|e| e == "vmdk") {
+                    verify::BootAs::Vsphere
+                } else {
+                    verify::BootAs::Kvm
+                }),
         })
     })?;
     if a.json {

@@ -485,14 +485,15 @@ pub fn preflight(o: &BuildOptions, plan: &Plan) -> Result<Vec<Vec<u8>>> {
 pub struct Built {
     pub artifacts: Vec<Artifact>,
     pub offline: Report,
-    pub verdict: Option<Verdict>,
+    /// One verification boot per bootable output (none with --no-verify).
+    pub verdicts: Vec<Verdict>,
     pub steps: Steps,
     pub plan: Plan,
 }
 
 impl Built {
     pub fn passed(&self) -> bool {
-        self.offline.passed() && self.verdict.as_ref().map(|v| v.passed).unwrap_or(true)
+        self.offline.passed() && self.verdicts.iter().all(|v| v.passed)
     }
 }
 
@@ -536,17 +537,17 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
             fsutil::remove_tree(&work)?;
         }
     }
-    let (artifacts, offline, verdict) = result?;
+    let (artifacts, offline, verdicts) = result?;
     Ok(Some(Built {
         artifacts,
         offline,
-        verdict,
+        verdicts,
         steps,
         plan,
     }))
 }
 
-type StepsOutcome = (Vec<Artifact>, Report, Option<Verdict>);
+type StepsOutcome = (Vec<Artifact>, Report, Vec<Verdict>);
 
 fn run_steps(
     o: &BuildOptions,
@@ -634,7 +635,7 @@ fn run_steps(
                 .display(),
             failing.join("\n")
         ));
-        return Ok((Vec::new(), offline, None));
+        return Ok((Vec::new(), offline, Vec::new()));
     }
     let (products, timings) = steps.run("formats", |s| {
         let job = formats::Job {
@@ -664,32 +665,38 @@ fn run_steps(
         .filter(|(f, _)| plan.formats.contains(f))
         .flat_map(|(_, v)| v.iter().cloned())
         .collect();
-    let verdict = if o.verify {
-        let image = formats::input(&products, Format::Qcow2, ".qcow2")
-            .or_else(|_| formats::input(&products, Format::Raw, ".raw"))?
-            .path
-            .clone();
-        let v = steps.run("verify", |s| {
-            let v = verify::verify(&VerifyOptions {
-                image,
-                out_dir: o.out_dir.clone(),
-                name: plan.name.clone(),
-                firmware: o.firmware.clone(),
-                accel: o.accel,
-                timeout: o.timeout,
-                vm_def: o.vm_def.clone(),
-                cache_dir: o.cache_dir.clone(),
-            })?;
-            s.note(if v.passed { "passed" } else { "FAILED" });
-            if let Some(b) = v.boot_seconds {
-                s.note(format!("booted in {b:.0} s"));
+    let verdicts = if o.verify {
+        let boots = boots(&products);
+        steps.run("verify", |s| {
+            let mut verdicts = Vec::new();
+            for (image, boot_as, name) in boots {
+                progress::info(&format!("    booting {} as {:?}", image.display(), boot_as));
+                let v = verify::verify(&VerifyOptions {
+                    image,
+                    out_dir: o.out_dir.clone(),
+                    name: format!("{}{name}", plan.name),
+                    firmware: o.firmware.clone(),
+                    accel: o.accel,
+                    timeout: o.timeout,
+                    vm_def: o.vm_def.clone(),
+                    cache_dir: o.cache_dir.clone(),
+                    boot_as,
+                })?;
+                s.note(format!(
+                    "{:?} {}{}",
+                    boot_as,
+                    if v.passed { "passed" } else { "FAILED" },
+                    v.boot_seconds
+                        .map(|b| format!(" in {b:.0} s"))
+                        .unwrap_or_default()
+                ));
+                verdicts.push(v);
             }
-            Ok(v)
-        })?;
-        Some(v)
+            Ok(verdicts)
+        })?
     } else {
         steps.skip("verify", "--no-verify");
-        None
+        Vec::new()
     };
     steps.run("manifest", |s| {
         let (manifest, _) = write_manifest(o, plan, &tree, bootstrap_key, &artifacts)?;
@@ -697,7 +704,32 @@ fn run_steps(
         progress::detail(&format!("manifest: {}", manifest.display()));
         Ok(())
     })?;
-    Ok((artifacts, offline, verdict))
+    Ok((artifacts, offline, verdicts))
+}
+
+/// What verify boots: each bootable output on the hardware of the cloud it
+/// is for, and the suffix of its report files (the first boot keeps the
+/// plain names).
+fn boots(products: &formats::Products) -> Vec<(PathBuf, verify::BootAs, &'static str)> {
+    use verify::BootAs;
+    let mut out = Vec::new();
+    if let Ok(a) = formats::input(products, Format::Qcow2, ".qcow2") {
+        out.push((a.path.clone(), BootAs::Kvm, ""));
+    }
+    if let Ok(a) = formats::input(products, Format::Vmdk, ".vmdk") {
+        out.push((a.path.clone(), BootAs::Vsphere, ".vsphere"));
+    }
+    if let Ok(a) = formats::input(products, Format::Raw, ".raw") {
+        let (boot_as, suffix) = if out.is_empty() {
+            (BootAs::Kvm, "")
+        } else {
+            (BootAs::Aws, ".aws")
+        };
+        if out.is_empty() || products.contains_key(&Format::Aws) {
+            out.push((a.path.clone(), boot_as, suffix));
+        }
+    }
+    out
 }
 
 /// `NAME.manifest.json` and `NAME.SHA256SUMS` over the outputs and the

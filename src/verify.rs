@@ -376,6 +376,21 @@ pub struct Verdict {
     pub problems: Vec<String>,
     pub console_log: PathBuf,
     pub agent: Option<AgentReport>,
+    /// The hardware it booted on.
+    pub boot_as: BootAs,
+    /// The login over SSH with the run's key, and the scan run through it.
+    pub ssh_login: Option<SshLogin>,
+}
+
+/// What the host did over SSH, logged in with the run's own key.
+#[derive(Debug, Clone, Serialize)]
+pub struct SshLogin {
+    pub user: String,
+    pub command: String,
+    /// The scan's summary as `stemforge scan --live` reported it over SSH.
+    pub scan: Option<crate::scan::Summary>,
+    pub passed: bool,
+    pub error: Option<String>,
 }
 
 /// Options of one verification run.
@@ -390,80 +405,191 @@ pub struct VerifyOptions {
     pub timeout: Option<u64>,
     pub vm_def: Option<PathBuf>,
     pub cache_dir: PathBuf,
+    /// The hardware the image boots on, as a cloud presents it.
+    pub boot_as: BootAs,
+}
+
+/// The virtual hardware of a verification boot: each cloud's disk bus and
+/// NIC, so the boot proves the image's drivers for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BootAs {
+    /// KVM/OpenStack: virtio disk and NIC
+    Kvm,
+    /// vSphere: a SCSI disk, a pvscsi controller and a vmxnet3 NIC
+    Vsphere,
+    /// AWS Nitro: NVMe disk, SMBIOS saying Amazon EC2
+    Aws,
+}
+
+impl BootAs {
+    /// The QEMU arguments for the disk at `file` (of `format`) and the NIC
+    /// on `net0`.
+    fn devices(self, file: &Path, format: &str) -> Vec<String> {
+        let drive = |iface: &str| {
+            format!(
+                "file={},format={format},if={iface},cache=unsafe{}",
+                file.display(),
+                if iface == "none" { ",id=disk0" } else { "" }
+            )
+        };
+        let mut a: Vec<String> = Vec::new();
+        match self {
+            BootAs::Kvm => {
+                a.extend(["-drive".into(), drive("virtio")]);
+                a.extend(["-device".into(), "virtio-net-pci,netdev=net0".into()]);
+            }
+            BootAs::Vsphere => {
+                // OVMF has no pvscsi driver, so the firmware could not
+                // load GRUB from it: the disk sits on a SCSI bus OVMF
+                // reads, and a pvscsi controller is there for the
+                // kernel's driver. The network comes up on vmxnet3.
+                a.extend(["-device".into(), "virtio-scsi-pci,id=scsi0".into()]);
+                a.extend(["-drive".into(), drive("none")]);
+                a.extend(["-device".into(), "scsi-hd,drive=disk0,bus=scsi0.0".into()]);
+                a.extend(["-device".into(), "pvscsi,id=pvscsi0".into()]);
+                a.extend(["-device".into(), "vmxnet3,netdev=net0".into()]);
+            }
+            BootAs::Aws => {
+                a.extend(["-drive".into(), drive("none")]);
+                a.extend([
+                    "-device".into(),
+                    "nvme,drive=disk0,serial=vol0stemforge".into(),
+                ]);
+                a.extend(["-device".into(), "virtio-net-pci,netdev=net0".into()]);
+                a.extend([
+                    "-smbios".into(),
+                    "type=1,manufacturer=Amazon EC2,product=m7i.large".into(),
+                ]);
+            }
+        }
+        a
+    }
+}
+
+/// A VM of the harness, ready to start: firmware with fresh variables, the
+/// run's NoCloud seed and key, and SSH forwarded to a free loopback port.
+/// Its scratch directory (key included) goes when it is dropped.
+pub struct Machine {
+    pub scratch: tempfile::TempDir,
+    pub def: VmDef,
+    pub fw: Firmware,
+    pub accel: Accel,
+    pub accel_note: String,
+    pub seed: Seed,
+    pub port: u16,
+    pub format: String,
+    vars: PathBuf,
+}
+
+impl Machine {
+    pub fn prepare(
+        image: &Path,
+        vm_def: Option<&Path>,
+        firmware: Option<&str>,
+        accel: Accel,
+        cache_dir: &Path,
+    ) -> Result<Machine> {
+        let def = VmDef::load(vm_def)?;
+        if exec::which(qemu_binary()).is_none() {
+            bail!(
+                "{} not found: apt-get install qemu-system-x86",
+                qemu_binary()
+            );
+        }
+        let format = image_format(image)?;
+        let fw = find_firmware(&def, firmware, cache_dir)?;
+        let scratch = tempfile::Builder::new()
+            .prefix("stemforge-vm-")
+            .tempdir()
+            .context("creating a scratch directory")?;
+        let (accel, accel_note) = choose_accel(accel, &fw, &def, scratch.path());
+        progress::info(&format!(
+            "    accelerator: {accel_note}; firmware: {} ({})",
+            fw.code.display(),
+            fw.source
+        ));
+        let vars = scratch.path().join("vars.fd");
+        std::fs::copy(&fw.vars, &vars).with_context(|| format!("copying {}", fw.vars.display()))?;
+        let seed = Seed::make(scratch.path())?;
+        let port = free_port()?;
+        Ok(Machine {
+            scratch,
+            def,
+            fw,
+            accel,
+            accel_note,
+            seed,
+            port,
+            format,
+            vars,
+        })
+    }
+
+    /// QEMU for `image` on `boot_as` hardware, its console to `console`
+    /// (a file), changes discarded (`-snapshot`).
+    pub fn qemu(&self, image: &Path, boot_as: BootAs, console: &Path) -> exec::Cmd {
+        let kvm = self.accel == Accel::Kvm;
+        cmd(
+            qemu_binary(),
+            [
+                "-nodefaults",
+                "-no-user-config",
+                "-name",
+                "stemforge",
+                "-display",
+                "none",
+            ],
+        )
+        .args(["-machine", &self.def.machine])
+        .args(["-accel", if kvm { "kvm" } else { "tcg" }])
+        .args(["-cpu", if kvm { "host" } else { "max" }])
+        .args(["-smp", &self.def.cpus.to_string(), "-m", &self.def.memory])
+        .args(pflash(&self.fw.code, &self.vars))
+        .args(boot_as.devices(image, &self.format))
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            self.seed.iso.display()
+        ))
+        .arg("-snapshot")
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-netdev")
+        .arg(format!(
+            "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{}-:22",
+            self.port
+        ))
+        .args(["-device", "virtio-rng-pci", "-no-reboot"])
+    }
 }
 
 /// Boot the image and judge it. Writes `<name>.console.log`,
 /// `<name>.scan.json` (the in-guest scan) and `<name>.verify.json`.
 pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
-    let def = VmDef::load(o.vm_def.as_deref())?;
-    if exec::which(qemu_binary()).is_none() {
-        bail!(
-            "{} not found: apt-get install qemu-system-x86",
-            qemu_binary()
-        );
-    }
-    let format = image_format(&o.image)?;
-    let fw = find_firmware(&def, o.firmware.as_deref(), &o.cache_dir)?;
-    let scratch = tempfile::Builder::new()
-        .prefix("stemforge-verify-")
-        .tempdir()
-        .context("creating a scratch directory")?;
-    let (accel, accel_note) = choose_accel(o.accel, &fw, &def, scratch.path());
-    progress::info(&format!(
-        "    accelerator: {accel_note}; firmware: {} ({})",
-        fw.code.display(),
-        fw.source
-    ));
-    let vars = scratch.path().join("vars.fd");
-    std::fs::copy(&fw.vars, &vars).with_context(|| format!("copying {}", fw.vars.display()))?;
+    let m = Machine::prepare(
+        &o.image,
+        o.vm_def.as_deref(),
+        o.firmware.as_deref(),
+        o.accel,
+        &o.cache_dir,
+    )?;
+    let (def, fw) = (&m.def, &m.fw);
+    let accel_note = m.accel_note.clone();
+    let scratch = &m.scratch;
     let sock = scratch.path().join("results.sock");
     let console = o.out_dir.join(format!("{}.console.log", o.name));
     let console_partial = fsutil::partial_path(&console);
-    let port = free_port()?;
     let boot_limit = Duration::from_secs(o.timeout.unwrap_or(def.timeouts.boot));
-
-    let q = cmd(
-        qemu_binary(),
-        [
-            "-nodefaults",
-            "-no-user-config",
-            "-name",
-            "stemforge-verify",
-            "-display",
-            "none",
-        ],
-    )
-    .args(["-machine", &def.machine])
-    .args(["-accel", if accel == Accel::Kvm { "kvm" } else { "tcg" }])
-    .args(["-cpu", if accel == Accel::Kvm { "host" } else { "max" }])
-    .args(["-smp", &def.cpus.to_string(), "-m", &def.memory])
-    .args(pflash(&fw.code, &vars))
-    .arg("-drive")
-    .arg(format!(
-        "file={},format={format},if=virtio,cache=unsafe",
-        o.image.display()
-    ))
-    .arg("-snapshot")
-    .arg("-serial")
-    .arg(format!("file:{}", console_partial.display()))
-    .args(["-device", "virtio-serial-pci", "-chardev"])
-    .arg(format!(
-        "socket,id=results,path={},server=on,wait=off",
-        sock.display()
-    ))
-    .arg("-device")
-    .arg(format!("virtserialport,chardev=results,name={PORT_NAME}"))
-    .arg("-netdev")
-    .arg(format!(
-        "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
-    ))
-    .args([
-        "-device",
-        "virtio-net-pci,netdev=net0",
-        "-device",
-        "virtio-rng-pci",
-        "-no-reboot",
-    ]);
+    let q = m
+        .qemu(&o.image, o.boot_as, &console_partial)
+        .args(["-device", "virtio-serial-pci", "-chardev"])
+        .arg(format!(
+            "socket,id=results,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .arg("-device")
+        .arg(format!("virtserialport,chardev=results,name={PORT_NAME}"));
     let t0 = Instant::now();
     let vm = q.spawn(
         &scratch.path().join("qemu.stdout"),
@@ -481,8 +607,10 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
         problems: Vec::new(),
         console_log: console.clone(),
         agent: None,
+        boot_as: o.boot_as,
+        ssh_login: None,
     };
-    let outcome = converse(&vm, &sock, port, t0, boot_limit, &def, &mut verdict);
+    let outcome = converse(&vm, &sock, &m, t0, boot_limit, &mut verdict);
     if let Err(e) = &outcome {
         verdict.problems.push(format!("{e:#}"));
     }
@@ -534,10 +662,9 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
 fn converse(
     vm: &exec::Running,
     sock: &Path,
-    port: u16,
+    m: &Machine,
     t0: Instant,
     limit: Duration,
-    def: &VmDef,
     v: &mut Verdict,
 ) -> Result<()> {
     let deadline = t0 + limit;
@@ -598,7 +725,12 @@ fn converse(
         }
     }
     progress::activity("checking sshd from the host");
-    v.host_ssh_banner = ssh_banner(port, Duration::from_secs(def.timeouts.ssh_banner));
+    let limit = m.def.timeouts.ssh_banner;
+    v.host_ssh_banner = ssh_banner(m.port, Duration::from_secs(limit));
+    if v.host_ssh_banner.is_some() {
+        progress::activity("logging in over SSH with the run's key");
+        v.ssh_login = Some(m.seed.login_and_scan(m.port, limit));
+    }
     writer
         .write_all(format!("{ACK}\n").as_bytes())
         .context("acknowledging the agent")?;
@@ -666,6 +798,19 @@ fn judge(v: &mut Verdict) {
             v.problems
                 .push("sshd did not answer through the VM's network".into());
         }
+        match &v.ssh_login {
+            Some(l) if !l.passed => v.problems.push(format!(
+                "logging in over SSH as {} with the run's key: {}",
+                l.user,
+                l.error
+                    .as_deref()
+                    .unwrap_or("the scan run through it failed")
+            )),
+            None if v.host_ssh_banner.is_some() => {
+                v.problems.push("no login over SSH was tried".into())
+            }
+            _ => {}
+        }
     } else if v.problems.is_empty() {
         v.problems.push("the agent sent no report".into());
     }
@@ -682,18 +827,264 @@ fn image_format(image: &Path) -> Result<String> {
         .with_context(|| format!("inspecting {}", image.display()))?;
     let v: serde_json::Value = serde_json::from_str(&info).context("parsing qemu-img info")?;
     match v["format"].as_str() {
-        Some(f @ ("raw" | "qcow2")) => Ok(f.to_string()),
+        Some(f @ ("raw" | "qcow2" | "vmdk")) => Ok(f.to_string()),
         other => bail!(
-            "{}: unsupported image format {:?} (raw or qcow2)",
+            "{}: unsupported image format {:?} (raw, qcow2 or vmdk)",
             image.display(),
             other
         ),
     }
 }
 
+/// The user the NoCloud seed creates for the host's login.
+pub const LOGIN_USER: &str = "stemforge";
+
+/// A NoCloud seed (an ISO 9660 volume labelled `cidata`, as cloud-init
+/// looks for it) that creates [`LOGIN_USER`] with this run's own SSH key
+/// and passwordless sudo. The key lives and dies with the run's scratch
+/// directory.
+pub struct Seed {
+    pub iso: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Serialize)]
+struct CloudUser<'a> {
+    name: &'a str,
+    gecos: &'a str,
+    shell: &'a str,
+    lock_passwd: bool,
+    sudo: &'a str,
+    ssh_authorized_keys: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct UserData<'a> {
+    users: Vec<CloudUser<'a>>,
+}
+
+#[derive(Serialize)]
+struct MetaData {
+    #[serde(rename = "instance-id")]
+    instance_id: String,
+    #[serde(rename = "local-hostname")]
+    local_hostname: String,
+}
+
+impl Seed {
+    pub fn make(dir: &Path) -> Result<Seed> {
+        let key = dir.join("id_ed25519");
+        cmd("ssh-keygen", ["-q", "-t", "ed25519", "-N", "", "-C"])
+            .arg("stemforge-verify")
+            .arg("-f")
+            .arg(&key)
+            .run()
+            .context("making the run's SSH key")?;
+        let public = std::fs::read_to_string(key.with_extension("pub"))
+            .context("reading the run's public key")?;
+        let files = dir.join("seed");
+        std::fs::create_dir_all(&files).context("creating the seed directory")?;
+        let user_data = UserData {
+            users: vec![CloudUser {
+                name: LOGIN_USER,
+                gecos: "stemforge verification",
+                shell: "/bin/bash",
+                lock_passwd: true,
+                sudo: "ALL=(ALL) NOPASSWD:ALL",
+                ssh_authorized_keys: vec![public.trim().to_string()],
+            }],
+        };
+        let text = format!("#cloud-config\n{}", serde_yaml::to_string(&user_data)?);
+        std::fs::write(files.join("user-data"), text).context("writing user-data")?;
+        let id = hex::encode(crate::disk::random_bytes(8)?);
+        let meta = MetaData {
+            instance_id: format!("stemforge-verify-{id}"),
+            local_hostname: "stemforge-verify".into(),
+        };
+        std::fs::write(files.join("meta-data"), serde_yaml::to_string(&meta)?)
+            .context("writing meta-data")?;
+        let iso = dir.join("seed.iso");
+        cmd(
+            "genisoimage",
+            ["-quiet", "-volid", "cidata", "-joliet", "-rock", "-output"],
+        )
+        .arg(&iso)
+        .arg(files.join("user-data"))
+        .arg(files.join("meta-data"))
+        .run()
+        .context("making the NoCloud seed")?;
+        Ok(Seed { iso, key })
+    }
+
+    /// The ssh command line that logs in as [`LOGIN_USER`] on the VM's
+    /// forwarded port and runs `remote`.
+    fn ssh(&self, port: u16, remote: &str) -> exec::Cmd {
+        cmd(
+            "ssh",
+            [
+                "-F",
+                "/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=20",
+                "-i",
+            ],
+        )
+        .arg(&self.key)
+        .args(["-p", &port.to_string()])
+        .arg(format!("{LOGIN_USER}@127.0.0.1"))
+        .arg(remote)
+    }
+
+    /// Log in and run the live scan through the connection, retrying the
+    /// login for up to `limit` seconds (sshd may still be starting).
+    fn login_and_scan(&self, port: u16, limit: u64) -> SshLogin {
+        let remote = format!("sudo -n {AGENT_BINARY} scan --live --format json");
+        let mut login = SshLogin {
+            user: LOGIN_USER.into(),
+            command: remote.clone(),
+            scan: None,
+            passed: false,
+            error: None,
+        };
+        let deadline = Instant::now() + Duration::from_secs(limit);
+        let out = loop {
+            match self.ssh(port, "true").run_unchecked() {
+                Ok(o) if o.status.success() => break self.ssh(port, &remote).run_unchecked(),
+                Ok(o) if Instant::now() > deadline => {
+                    login.error = Some(format!("login refused: {}", o.stderr_str().trim()));
+                    return login;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    login.error = Some(format!("{e:#}"));
+                    return login;
+                }
+                _ => std::thread::sleep(Duration::from_secs(2)),
+            }
+        };
+        match out {
+            Ok(o) => match serde_json::from_slice::<Report>(&o.stdout) {
+                Ok(report) => {
+                    login.passed = report.passed();
+                    if !login.passed {
+                        let ids: Vec<&str> = report.problems().map(|r| r.id.as_str()).collect();
+                        login.error = Some(format!("the scan over SSH failed: {}", ids.join(", ")));
+                    }
+                    login.scan = Some(report.summary);
+                }
+                Err(e) => {
+                    login.error = Some(format!(
+                        "the scan over SSH printed no report ({e}): {}",
+                        exec::tail(&o.stderr_str(), 5)
+                    ))
+                }
+            },
+            Err(e) => login.error = Some(format!("{e:#}")),
+        }
+        login
+    }
+}
+
 fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free local port")?;
     Ok(l.local_addr()?.port())
+}
+
+// ---- stemforge boot ---------------------------------------------------------
+
+/// Options of `stemforge boot`.
+#[derive(Debug, Clone)]
+pub struct BootOptions {
+    pub image: PathBuf,
+    pub boot_as: BootAs,
+    pub firmware: Option<String>,
+    pub accel: Accel,
+    pub vm_def: Option<PathBuf>,
+    pub cache_dir: PathBuf,
+    /// Where the console log goes.
+    pub console: PathBuf,
+}
+
+/// Boot an image for a person: the same VM as verify (changes discarded),
+/// a fresh key, SSH on a free loopback port. Prints the ssh command once
+/// sshd answers; Ctrl-C (or SIGTERM) powers the guest off through ACPI and
+/// waits for it, then stops QEMU. Returns QEMU's exit description.
+pub fn boot(o: &BootOptions) -> Result<String> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop)).context("handling Ctrl-C")?;
+    }
+    let m = Machine::prepare(
+        &o.image,
+        o.vm_def.as_deref(),
+        o.firmware.as_deref(),
+        o.accel,
+        &o.cache_dir,
+    )?;
+    let monitor = m.scratch.path().join("monitor.sock");
+    let q = m
+        .qemu(&o.image, o.boot_as, &o.console)
+        .arg("-monitor")
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+    let vm = q.spawn(
+        &m.scratch.path().join("qemu.stdout"),
+        &m.scratch.path().join("qemu.stderr"),
+    )?;
+    progress::info(&format!(
+        "booting {} as {:?}; console: {} (Ctrl-C powers it off)",
+        o.image.display(),
+        o.boot_as,
+        o.console.display()
+    ));
+    let mut announced = false;
+    loop {
+        if let Some(status) = vm.try_wait()? {
+            return Ok(exec::describe_status(status));
+        }
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        if !announced && read_ssh_banner(m.port).is_some() {
+            announced = true;
+            let argv: Vec<String> = m
+                .seed
+                .ssh(m.port, "")
+                .arguments()
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .filter(|a| !a.is_empty())
+                .collect();
+            println!(
+                "ssh is up (cloud-init may still be creating the user): \nssh {}",
+                shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    progress::info("powering the guest off");
+    if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&monitor) {
+        let _ = s.write_all(b"system_powerdown\n");
+    }
+    let status = vm.wait_timeout(Duration::from_secs(m.def.timeouts.shutdown))?;
+    vm.kill();
+    Ok(match status {
+        Some(s) => exec::describe_status(s),
+        None => format!(
+            "the guest did not power off within {} s; QEMU was stopped",
+            m.def.timeouts.shutdown
+        ),
+    })
 }
 
 // ---- the guest side --------------------------------------------------------
@@ -956,6 +1347,14 @@ mod tests {
             problems: vec![],
             console_log: "c".into(),
             agent: Some(agent.clone()),
+            boot_as: BootAs::Kvm,
+            ssh_login: Some(SshLogin {
+                user: LOGIN_USER.into(),
+                command: "scan".into(),
+                scan: None,
+                passed: true,
+                error: None,
+            }),
         };
         judge(&mut v);
         assert!(v.passed, "{:?}", v.problems);
@@ -970,5 +1369,20 @@ mod tests {
         no_ssh.host_ssh_banner = None;
         judge(&mut no_ssh);
         assert!(!no_ssh.passed);
+        // Booted, but nobody can log in: a failed verification.
+        let mut no_login = v.clone();
+        no_login.ssh_login.as_mut().unwrap().passed = false;
+        no_login.ssh_login.as_mut().unwrap().error = Some("Permission denied".into());
+        judge(&mut no_login);
+        assert!(!no_login.passed);
+        assert!(
+            no_login.problems[0].contains("Permission denied"),
+            "{:?}",
+            no_login.problems
+        );
+        let mut never_tried = v.clone();
+        never_tried.ssh_login = None;
+        judge(&mut never_tried);
+        assert!(!never_tried.passed);
     }
 }

@@ -100,6 +100,10 @@ fn break_baseline(tree: &Path) -> Vec<&'static str> {
     std::fs::remove_file(tree.join("etc/systemd/system/multi-user.target.wants/auditd.service"))
         .unwrap();
     chmod("etc/issue", 0o666);
+    std::fs::remove_file(
+        tree.join("etc/systemd/system/cloud-init.target.wants/cloud-final.service"),
+    )
+    .unwrap();
     vec![
         "image-machine-id-empty",
         "image-no-passwords",
@@ -117,6 +121,10 @@ fn break_baseline(tree: &Path) -> Vec<&'static str> {
         "sshd-no-user-environment",
         "audit-enabled",
         "banner-files-protected",
+        "cloud-init-installed",
+        "fs-exotic-disabled",
+        "fs-no-usb-storage",
+        "net-no-wireless",
     ]
 }
 
