@@ -40,7 +40,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Build an image: bootstrap, harden, lay out, package, verify
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Boot an image under QEMU and run the compliance scan inside it
     Verify(VerifyArgs),
     /// Boot an image under QEMU for a person: prints the ssh command
@@ -102,6 +102,17 @@ pub struct VmArgs {
     pub cache_dir: PathBuf,
 }
 
+impl VmArgs {
+    fn choice(&self) -> verify::VmChoice {
+        verify::VmChoice {
+            firmware: self.firmware.clone(),
+            accel: self.accel,
+            vm_def: self.vm.clone(),
+            cache_dir: self.cache_dir.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BuildArgs {
     /// OS profile: a name (see `stemforge profiles`) or a YAML file
@@ -142,6 +153,10 @@ pub struct BuildArgs {
     /// The stemforge binary to put into the image (default: this one)
     #[arg(long, value_name = "FILE")]
     pub agent_binary: Option<PathBuf>,
+    /// A BOSH agent binary to install as /var/vcap/bosh/bin/bosh-agent,
+    /// started at boot (stemcells without one say so in stemcell.MF)
+    #[arg(long, value_name = "FILE")]
+    pub bosh_agent: Option<PathBuf>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -252,7 +267,7 @@ fn render_error(e: &anyhow::Error) -> String {
 fn run(cli: Cli) -> Result<i32> {
     let verbose = cli.verbose;
     match cli.command {
-        Command::Build(a) => build(a),
+        Command::Build(a) => build(*a),
         Command::Verify(a) => verify_cmd(a),
         Command::Boot(a) => boot_cmd(a),
         Command::Scan(a) => scan_cmd(a, verbose),
@@ -286,6 +301,7 @@ fn build(a: BuildArgs) -> Result<i32> {
         timeout: a.vm.timeout,
         vm_def: a.vm.vm,
         agent_binary: a.agent_binary,
+        bosh_agent: a.bosh_agent,
     };
     let Some(built) = pipeline::build(&o)? else {
         return Ok(0);
@@ -351,11 +367,8 @@ fn boot_cmd(a: BootArgs) -> Result<i32> {
     });
     let how = verify::boot(&verify::BootOptions {
         boot_as: boot_as(a.boot_as, &a.image),
+        vm: a.vm.choice(),
         image: a.image,
-        firmware: a.vm.firmware,
-        accel: a.vm.accel,
-        vm_def: a.vm.vm,
-        cache_dir: a.vm.cache_dir,
         console,
     })?;
     progress::info(&format!("QEMU: {how}"));
@@ -389,11 +402,8 @@ fn verify_cmd(a: VerifyArgs) -> Result<i32> {
             image: a.image.clone(),
             out_dir: out_dir.clone(),
             name,
-            firmware: a.vm.firmware,
-            accel: a.vm.accel,
+            vm: a.vm.choice(),
             timeout: a.vm.timeout,
-            vm_def: a.vm.vm,
-            cache_dir: a.vm.cache_dir,
             boot_as: a
                 .boot_as
                 .unwrap_or(if a.image.extension().is_some_and(|e| e == "vmdk") {

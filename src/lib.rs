@@ -6,6 +6,7 @@
 
 pub mod assets;
 pub mod bootstrap;
+pub mod boshagent;
 pub mod cache;
 pub mod chroot;
 pub mod cli;

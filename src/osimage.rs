@@ -185,7 +185,7 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
 /// Put `bytes` at the in-tree `path`: parents created, a symlink there
 /// replaced (never written through, so nothing lands outside the tree).
 /// Returns the host path and whether the content changed.
-fn place_file(t: &Target, path: &str, bytes: &[u8]) -> Result<(PathBuf, bool)> {
+pub fn place_file(t: &Target, path: &str, bytes: &[u8]) -> Result<(PathBuf, bool)> {
     let dest = t.resolve_with(path, false)?;
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent)

@@ -43,6 +43,8 @@ pub struct BuildOptions {
     pub timeout: Option<u64>,
     pub vm_def: Option<PathBuf>,
     pub agent_binary: Option<PathBuf>,
+    /// A BOSH agent to install (`--bosh-agent`).
+    pub bosh_agent: Option<PathBuf>,
 }
 
 /// Everything decided before any work starts.
@@ -69,6 +71,8 @@ pub struct Plan {
     pub outputs: Vec<PathBuf>,
     pub agent_binary: PathBuf,
     pub agent_static: Option<bool>,
+    /// The BOSH agent file and how manifests name it.
+    pub bosh_agent: Option<(PathBuf, String)>,
 }
 
 /// The command line's mirrors, checked: URLs, and suites the profile has.
@@ -180,6 +184,10 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         None => profile.formats.clone(),
     };
     let source_date_epoch = source_date_epoch()?;
+    let bosh_agent = match &o.bosh_agent {
+        Some(f) => Some((f.clone(), crate::boshagent::check(f)?)),
+        None => None,
+    };
     let version = match &o.image_version {
         Some(v) => check_version(v)?,
         None => chrono::DateTime::from_timestamp(source_date_epoch, 0)
@@ -194,6 +202,7 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         "bootstrap": &spec,
         "version": &version,
         "epoch": source_date_epoch,
+        "bosh_agent": bosh_agent.as_ref().map(|(_, v)| v),
     }));
     let mut outputs: Vec<PathBuf> = formats
         .iter()
@@ -240,6 +249,7 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         outputs,
         agent_binary,
         agent_static,
+        bosh_agent,
     })
 }
 
@@ -590,6 +600,9 @@ fn run_steps(
             &verify::agent_files(),
             &info,
         )?;
+        if let Some((file, _)) = &plan.bosh_agent {
+            crate::boshagent::install(&chroot, file)?;
+        }
         osimage::finalize(&chroot, applied.initramfs_dirty)?;
         s.note(format!("{} stages", applied.stages.len()));
         Ok(chroot)
@@ -650,7 +663,7 @@ fn run_steps(
             wanted: &plan.formats.iter().copied().collect(),
             epoch: plan.source_date_epoch,
             input_hash: &plan.input_hash,
-            bosh_agent: None,
+            bosh_agent: plan.bosh_agent.as_ref().map(|(_, v)| v.as_str()),
         };
         let closure = Format::closure(&plan.formats);
         let (products, timings) = formats::produce_all(&job, &closure)?;
@@ -675,11 +688,13 @@ fn run_steps(
                     image,
                     out_dir: o.out_dir.clone(),
                     name: format!("{}{name}", plan.name),
-                    firmware: o.firmware.clone(),
-                    accel: o.accel,
+                    vm: verify::VmChoice {
+                        firmware: o.firmware.clone(),
+                        accel: o.accel,
+                        vm_def: o.vm_def.clone(),
+                        cache_dir: o.cache_dir.clone(),
+                    },
                     timeout: o.timeout,
-                    vm_def: o.vm_def.clone(),
-                    cache_dir: o.cache_dir.clone(),
                     boot_as,
                 })?;
                 s.note(format!(
@@ -775,7 +790,10 @@ fn write_manifest(
         keyring: b.keyring.clone(),
         packages,
         host_tools: formats::manifest::host_tools(),
-        bosh_agent: "none".into(),
+        bosh_agent: plan
+            .bosh_agent
+            .as_ref()
+            .map_or("none".into(), |(_, v)| v.clone()),
     };
     let manifest = Manifest {
         schema: SCHEMA,
@@ -833,6 +851,7 @@ mod tests {
             timeout: None,
             vm_def: None,
             agent_binary: None,
+            bosh_agent: None,
         }
     }
 

@@ -358,6 +358,10 @@ pub struct AgentReport {
     pub kernel: String,
     pub uptime_seconds: f64,
     pub scan: Report,
+    /// Whether the BOSH agent's unit is active; absent when the image has
+    /// no agent.
+    #[serde(default)]
+    pub bosh_agent_active: Option<bool>,
 }
 
 /// The outcome of a verification.
@@ -400,13 +404,22 @@ pub struct VerifyOptions {
     pub out_dir: PathBuf,
     /// Prefix of the output files (`<name>.console.log`, ...).
     pub name: String,
-    pub firmware: Option<String>,
-    pub accel: Accel,
+    pub vm: VmChoice,
     pub timeout: Option<u64>,
-    pub vm_def: Option<PathBuf>,
-    pub cache_dir: PathBuf,
     /// The hardware the image boots on, as a cloud presents it.
     pub boot_as: BootAs,
+}
+
+/// What a VM of the harness runs on: the user's choices.
+#[derive(Debug, Clone)]
+pub struct VmChoice {
+    /// `CODE[,VARS]` firmware files, or `None` to search.
+    pub firmware: Option<String>,
+    pub accel: Accel,
+    /// A VM definition instead of the built-in qemu/verify.yml.
+    pub vm_def: Option<PathBuf>,
+    /// Where downloaded firmware is cached.
+    pub cache_dir: PathBuf,
 }
 
 /// The virtual hardware of a verification boot: each cloud's disk bus and
@@ -483,14 +496,8 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn prepare(
-        image: &Path,
-        vm_def: Option<&Path>,
-        firmware: Option<&str>,
-        accel: Accel,
-        cache_dir: &Path,
-    ) -> Result<Machine> {
-        let def = VmDef::load(vm_def)?;
+    pub fn prepare(image: &Path, choice: &VmChoice) -> Result<Machine> {
+        let def = VmDef::load(choice.vm_def.as_deref())?;
         if exec::which(qemu_binary()).is_none() {
             bail!(
                 "{} not found: apt-get install qemu-system-x86",
@@ -498,12 +505,12 @@ impl Machine {
             );
         }
         let format = image_format(image)?;
-        let fw = find_firmware(&def, firmware, cache_dir)?;
+        let fw = find_firmware(&def, choice.firmware.as_deref(), &choice.cache_dir)?;
         let scratch = tempfile::Builder::new()
             .prefix("stemforge-vm-")
             .tempdir()
             .context("creating a scratch directory")?;
-        let (accel, accel_note) = choose_accel(accel, &fw, &def, scratch.path());
+        let (accel, accel_note) = choose_accel(choice.accel, &fw, &def, scratch.path());
         progress::info(&format!(
             "    accelerator: {accel_note}; firmware: {} ({})",
             fw.code.display(),
@@ -567,13 +574,7 @@ impl Machine {
 /// Boot the image and judge it. Writes `<name>.console.log`,
 /// `<name>.scan.json` (the in-guest scan) and `<name>.verify.json`.
 pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
-    let m = Machine::prepare(
-        &o.image,
-        o.vm_def.as_deref(),
-        o.firmware.as_deref(),
-        o.accel,
-        &o.cache_dir,
-    )?;
+    let m = Machine::prepare(&o.image, &o.vm)?;
     let (def, fw) = (&m.def, &m.fw);
     let accel_note = m.accel_note.clone();
     let scratch = &m.scratch;
@@ -775,6 +776,10 @@ fn judge(v: &mut Verdict) {
         }
         if !a.sshd_listening {
             v.problems.push("sshd is not listening on port 22".into());
+        }
+        if a.bosh_agent_active == Some(false) {
+            v.problems
+                .push("the BOSH agent's unit is not active".into());
         }
         if !a.scan.passed() {
             let failing: Vec<String> = a
@@ -1006,10 +1011,7 @@ fn free_port() -> Result<u16> {
 pub struct BootOptions {
     pub image: PathBuf,
     pub boot_as: BootAs,
-    pub firmware: Option<String>,
-    pub accel: Accel,
-    pub vm_def: Option<PathBuf>,
-    pub cache_dir: PathBuf,
+    pub vm: VmChoice,
     /// Where the console log goes.
     pub console: PathBuf,
 }
@@ -1025,13 +1027,7 @@ pub fn boot(o: &BootOptions) -> Result<String> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("handling Ctrl-C")?;
     }
-    let m = Machine::prepare(
-        &o.image,
-        o.vm_def.as_deref(),
-        o.firmware.as_deref(),
-        o.accel,
-        &o.cache_dir,
-    )?;
+    let m = Machine::prepare(&o.image, &o.vm)?;
     let monitor = m.scratch.path().join("monitor.sock");
     let q = m
         .qemu(&o.image, o.boot_as, &o.console)
@@ -1207,6 +1203,16 @@ pub fn run_agent() -> Result<()> {
         kernel,
         uptime_seconds: uptime,
         scan: report,
+        bosh_agent_active: std::path::Path::new(crate::boshagent::BINARY)
+            .exists()
+            .then(|| {
+                cmd(
+                    "systemctl",
+                    ["is-active", "--quiet", crate::boshagent::UNIT],
+                )
+                .run_unchecked()
+                .is_ok_and(|o| o.status.success())
+            }),
     };
     println!(
         "stemforge agent: scan {} pass, {} fail; reporting",
@@ -1334,6 +1340,7 @@ mod tests {
             kernel: "6.1".into(),
             uptime_seconds: 50.0,
             scan: report,
+            bosh_agent_active: None,
         };
         let mut v = Verdict {
             passed: false,

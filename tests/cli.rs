@@ -285,6 +285,10 @@ fn unknown_formats_and_bad_versions_exit_2_before_any_work() {
             "--format: unknown format `vhdx`",
         ),
         (vec!["--image-version", "1/2"], "--image-version"),
+        (
+            vec!["--bosh-agent", "/nonexistent/bosh-agent"],
+            "--bosh-agent: /nonexistent/bosh-agent",
+        ),
     ] {
         let mut argv = vec!["build", "--profile", "debian-bookworm", "--out"];
         argv.push(out.to_str().unwrap());

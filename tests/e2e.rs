@@ -522,6 +522,8 @@ fn the_built_image_boots_and_passes_every_control_live() {
     assert_eq!(agent["system_state"], "running");
     assert_eq!(agent["failed_units"].as_array().unwrap().len(), 0);
     assert_eq!(agent["sshd_listening"], true);
+    // The BOSH agent given with --bosh-agent started at boot.
+    assert_eq!(agent["bosh_agent_active"], true, "{agent}");
     assert!(
         v["host_ssh_banner"]
             .as_str()
@@ -531,6 +533,13 @@ fn the_built_image_boots_and_passes_every_control_live() {
         v["host_ssh_banner"]
     );
     assert_eq!(v["clean_shutdown"], true);
+    // The host logged in with the run's own key (from the NoCloud seed)
+    // and ran the scan through that connection too.
+    let login = &v["ssh_login"];
+    assert_eq!(login["user"], "stemforge", "{login}");
+    assert_eq!(login["passed"], true, "{login}");
+    assert_eq!(login["scan"]["fail"], 0, "{login}");
+    assert!(login["scan"]["pass"].as_u64().unwrap() > 40, "{login}");
     // Every control that applies to a running system passes inside it.
     let scan: Value = serde_json::from_str(
         &std::fs::read_to_string(out.join("debian-bookworm.scan.json")).unwrap(),
@@ -989,6 +998,7 @@ fn every_output_passes_the_validator_its_consumers_use() {
         assert!(mf.lines().any(|l| l == "api_version: 3"), "{mf}");
         let doc: serde_yaml::Value = serde_yaml::from_str(&mf).unwrap();
         assert_eq!(doc["operating_system"].as_str(), Some("debian-bookworm"));
+        assert_eq!(doc["bosh_agent"]["installed"].as_bool(), Some(true), "{mf}");
         assert_eq!(
             doc["cloud_properties"]["infrastructure"].as_str(),
             Some(iaas)
@@ -1028,4 +1038,73 @@ fn every_output_passes_the_validator_its_consumers_use() {
             "{module} not in the initramfs"
         );
     }
+}
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn boot_prints_an_ssh_command_that_logs_in_and_ctrl_c_powers_off() {
+    use std::io::BufRead;
+    require_root();
+    let b = shared_build();
+    let _g = heavy();
+    let d = scratch("boot");
+    let console = d.join("console.log");
+    let mut child = Command::new(bin())
+        .args(["boot", "--console"])
+        .arg(&console)
+        .arg(&b.raw)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(420);
+    let ssh = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("boot printed an ssh command in time");
+        if let Some(c) = line.strip_prefix("ssh ") {
+            break c.to_string();
+        }
+    };
+    // The printed command, with a command to run, logs in (cloud-init may
+    // still be making the user for a few seconds).
+    let login = Instant::now() + Duration::from_secs(120);
+    let who = loop {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ssh {ssh} id -un"))
+            .output()
+            .unwrap();
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).trim().to_string();
+        }
+        assert!(Instant::now() < login, "ssh {ssh}: {o:?}");
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    assert_eq!(who, "stemforge");
+    // Ctrl-C: the guest powers off and QEMU is gone.
+    let t0 = Instant::now();
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(130),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(qemu_running(b.raw.to_str().unwrap()).is_empty());
+    let log = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
+    assert!(
+        log.contains("reboot: Power down"),
+        "no clean power-off on the console"
+    );
+    done_with(&d);
 }

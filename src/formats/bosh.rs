@@ -70,7 +70,7 @@ use crate::exec::shell_quote;
 use crate::fsutil;
 use anyhow::{Context, Result, bail, ensure};
 use serde::Serialize;
-use sha1::{Digest, Sha1};
+use sha1::Sha1;
 use std::collections::HashSet;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -574,18 +574,7 @@ fn append_file<W: Write>(
 
 /// SHA-1 of a file's contents, lowercase hex.
 fn sha1_file(path: &Path) -> Result<String> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha1::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
-    }
+    super::manifest::digest_file::<Sha1>(path)
 }
 
 /// One command of an upload recipe: what it does, its argument vector

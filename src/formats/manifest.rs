@@ -88,8 +88,13 @@ pub fn host_tools() -> BTreeMap<String, String> {
 
 /// SHA-256 of a file, streamed (a sparse disk reads its holes as zeros).
 pub fn sha256_file(path: &Path) -> Result<String> {
+    digest_file::<Sha256>(path)
+}
+
+/// A digest of a file's contents, lowercase hex, read 1 MiB at a time.
+pub fn digest_file<D: Digest>(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut h = Sha256::new();
+    let mut h = D::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f
@@ -244,12 +249,15 @@ mod tests {
             outputs: vec![],
         };
         let (manifest, sums) = write(d.path(), m, &[(img.clone(), "raw".into())]).unwrap();
-        let o = std::process::Command::new("sha256sum")
-            .arg("-c")
-            .arg(&sums)
-            .current_dir(d.path())
-            .output()
-            .unwrap();
+        let check = || {
+            std::process::Command::new("sha256sum")
+                .arg("-c")
+                .arg(&sums)
+                .current_dir(d.path())
+                .output()
+                .unwrap()
+        };
+        let o = check();
         assert!(o.status.success(), "{o:?}");
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
@@ -257,12 +265,6 @@ mod tests {
         assert_eq!(v["outputs"][0]["size"], 3 << 20);
         // A changed byte is caught.
         std::fs::write(&img, vec![8u8; 3 << 20]).unwrap();
-        let o = std::process::Command::new("sha256sum")
-            .arg("-c")
-            .arg(&sums)
-            .current_dir(d.path())
-            .output()
-            .unwrap();
-        assert!(!o.status.success());
+        assert!(!check().status.success());
     }
 }

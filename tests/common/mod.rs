@@ -93,6 +93,11 @@ pub fn shared_build() -> &'static SharedBuild {
             "all",
             "--image-version",
             "1.0",
+            "--bosh-agent",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/fixtures/bosh-agent/bosh-agent"
+            ),
             "--keep-work",
             "--out",
             out.to_str().unwrap(),
