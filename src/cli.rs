@@ -335,14 +335,15 @@ fn print_verdict(v: &verify::Verdict) {
     if v.passed {
         let scan = v.agent.as_ref().map(|a| &a.scan.summary);
         println!(
-            "verify: PASSED ({}; booted in {:.0} s; {} controls pass live, {} not applicable)",
+            "verify ({:?}): PASSED ({}; booted in {:.0} s; logged in over SSH; {} controls pass live, {} not applicable)",
+            v.boot_as,
             v.accel,
             v.boot_seconds.unwrap_or(0.0),
             scan.map(|s| s.pass).unwrap_or(0),
             scan.map(|s| s.not_applicable).unwrap_or(0)
         );
     } else {
-        println!("verify: FAILED ({})", v.accel);
+        println!("verify ({:?}): FAILED ({})", v.boot_as, v.accel);
         for p in &v.problems {
             println!("  - {p}");
         }
