@@ -41,7 +41,7 @@ build: deps binary
 test: deps
 	cargo test --locked
 	@if [ "$$(id -u)" = 0 ]; then \
-		cargo test --locked -- --ignored; \
+		cargo test --locked --no-fail-fast -- --ignored; \
 	else \
 		echo "not root: the #[ignore]d tests (root, archive, validators) did not run; run make test as root" >&2; \
 	fi

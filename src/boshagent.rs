@@ -37,7 +37,9 @@ const SERVICE: &str = "# stemforge: the BOSH agent given with --bosh-agent.
 [Unit]
 Description=BOSH agent
 Wants=network-online.target
-After=network-online.target cloud-final.service
+After=network-online.target cloud-init.service
+# (not cloud-final.service: it runs after multi-user.target, which wants
+# this unit, and would make an ordering cycle)
 
 [Service]
 ExecStart=/var/vcap/bosh/bin/bosh-agent -P ubuntu -C /var/vcap/bosh/agent.json

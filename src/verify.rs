@@ -1018,8 +1018,8 @@ pub struct BootOptions {
 
 /// Boot an image for a person: the same VM as verify (changes discarded),
 /// a fresh key, SSH on a free loopback port. Prints the ssh command once
-/// sshd answers; Ctrl-C (or SIGTERM) powers the guest off through ACPI and
-/// waits for it, then stops QEMU. Returns QEMU's exit description.
+/// sshd answers; Ctrl-C (or SIGTERM) powers the guest off (over SSH, and
+/// the ACPI power button) and waits for it, then stops QEMU. Returns QEMU's exit description.
 pub fn boot(o: &BootOptions) -> Result<String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1061,14 +1061,21 @@ pub fn boot(o: &BootOptions) -> Result<String> {
                 .map(|a| a.to_string_lossy().into_owned())
                 .filter(|a| !a.is_empty())
                 .collect();
+            println!("sshd answers; cloud-init may need a few seconds more to make the user.");
             println!(
-                "ssh is up (cloud-init may still be creating the user): \nssh {}",
+                "ssh {}",
                 shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "))
             );
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Through SSH with the run's key (a cloud kernel may have no ACPI
+    // power button driver), and the ACPI power button as well.
     progress::info("powering the guest off");
+    let _ = m
+        .seed
+        .ssh(m.port, "sudo -n systemctl poweroff")
+        .run_unchecked();
     if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&monitor) {
         let _ = s.write_all(b"system_powerdown\n");
     }
