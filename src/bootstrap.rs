@@ -219,7 +219,7 @@ pub fn fetch_release(source: &Source) -> Result<Vec<u8>> {
 
 /// A bootstrapped tree in the cache, made if needed.
 /// The name of the cache entry that holds `spec`'s tree.
-pub fn cache_key(spec: &BootstrapSpec, releases: &[Vec<u8>]) -> String {
+fn cache_key(spec: &BootstrapSpec, releases: &[Vec<u8>]) -> String {
     format!(
         "{}-{}-{}",
         spec.distro,
@@ -228,11 +228,13 @@ pub fn cache_key(spec: &BootstrapSpec, releases: &[Vec<u8>]) -> String {
     )
 }
 
+/// The bootstrapped tree of `spec` (from the cache, or made into it),
+/// whether it was cached, and its cache key (build manifests record it).
 pub fn bootstrap(
     cache: &Cache,
     spec: &BootstrapSpec,
     releases: &[Vec<u8>],
-) -> Result<(PathBuf, Hit)> {
+) -> Result<(PathBuf, Hit, String)> {
     let key = cache_key(spec, releases);
     let (entry, hit) = cache.get_or_make("bootstrap", &key, |dir| {
         let tree = dir.join("rootfs");
@@ -246,7 +248,7 @@ pub fn bootstrap(
         std::fs::write(dir.join("spec.json"), meta).context("writing spec.json")?;
         Ok(())
     })?;
-    Ok((entry.join("rootfs"), hit))
+    Ok((entry.join("rootfs"), hit, key))
 }
 
 #[cfg(test)]

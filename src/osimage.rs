@@ -98,11 +98,7 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
     let root = chroot.root();
     let t = Target::root(root)?;
     for f in &stage.files {
-        let bytes: Vec<u8> = match (&f.source, &f.content) {
-            (Some(src), _) => stage.assets.get(src).cloned().unwrap_or_default(),
-            (None, Some(c)) => c.as_bytes().to_vec(),
-            (None, None) => Vec::new(),
-        };
+        let bytes = stage.file_bytes(f);
         let (dest, changed) = place_file(&t, &f.path, &bytes)?;
         set_owner_mode(
             &dest,
@@ -241,15 +237,7 @@ pub fn seed_files(stages: &[&Stage]) -> Vec<(String, String)> {
     // Stage files the initramfs reads (its module list, modprobe.d).
     for st in stages {
         for f in st.files.iter().filter(|f| in_initramfs(&f.path)) {
-            let text = match (&f.source, &f.content) {
-                (Some(src), _) => st
-                    .assets
-                    .get(src)
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default(),
-                (None, Some(c)) => c.clone(),
-                (None, None) => String::new(),
-            };
+            let text = String::from_utf8_lossy(&st.file_bytes(f)).into_owned();
             files.push((f.path.clone(), text));
         }
     }

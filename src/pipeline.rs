@@ -569,8 +569,7 @@ fn run_steps(
     let cache = Cache::new(&o.cache_dir);
     let tree = work.join("rootfs");
     let (base, bootstrap_key) = steps.run("bootstrap", |s| {
-        let (base, hit) = bootstrap::bootstrap(&cache, &plan.bootstrap, releases)?;
-        let key = bootstrap::cache_key(&plan.bootstrap, releases);
+        let (base, hit, key) = bootstrap::bootstrap(&cache, &plan.bootstrap, releases)?;
         s.note(match hit {
             Hit::Hit => "cache hit",
             Hit::Miss => "cache miss",
@@ -722,29 +721,38 @@ fn run_steps(
     Ok((artifacts, offline, verdicts))
 }
 
-/// What verify boots: each bootable output on the hardware of the cloud it
-/// is for, and the suffix of its report files (the first boot keeps the
-/// plain names).
-fn boots(products: &formats::Products) -> Vec<(PathBuf, verify::BootAs, &'static str)> {
+/// What verify boots: the qcow2 on KVM's hardware, the VMDK on vSphere's,
+/// the raw disk on AWS's when the AWS output was made (on KVM's when it is
+/// the only disk). With the suffix of each boot's report files: the first
+/// keeps the plain names.
+fn boots(products: &formats::Products) -> Vec<(PathBuf, verify::BootAs, String)> {
     use verify::BootAs;
-    let mut out = Vec::new();
-    if let Ok(a) = formats::input(products, Format::Qcow2, ".qcow2") {
-        out.push((a.path.clone(), BootAs::Kvm, ""));
-    }
-    if let Ok(a) = formats::input(products, Format::Vmdk, ".vmdk") {
-        out.push((a.path.clone(), BootAs::Vsphere, ".vsphere"));
-    }
-    if let Ok(a) = formats::input(products, Format::Raw, ".raw") {
-        let (boot_as, suffix) = if out.is_empty() {
-            (BootAs::Kvm, "")
-        } else {
-            (BootAs::Aws, ".aws")
-        };
-        if out.is_empty() || products.contains_key(&Format::Aws) {
-            out.push((a.path.clone(), boot_as, suffix));
+    let disk = |f: Format, ext: &str| {
+        formats::input(products, f, ext)
+            .ok()
+            .map(|a| a.path.clone())
+    };
+    let mut out: Vec<(PathBuf, BootAs)> = Vec::new();
+    out.extend(disk(Format::Qcow2, ".qcow2").map(|p| (p, BootAs::Kvm)));
+    out.extend(disk(Format::Vmdk, ".vmdk").map(|p| (p, BootAs::Vsphere)));
+    if let Some(raw) = disk(Format::Raw, ".raw") {
+        if products.contains_key(&Format::Aws) {
+            out.push((raw, BootAs::Aws));
+        } else if out.is_empty() {
+            out.push((raw, BootAs::Kvm));
         }
     }
-    out
+    out.into_iter()
+        .enumerate()
+        .map(|(i, (p, b))| {
+            let suffix = if i == 0 {
+                String::new()
+            } else {
+                format!(".{}", format!("{b:?}").to_lowercase())
+            };
+            (p, b, suffix)
+        })
+        .collect()
 }
 
 /// `NAME.manifest.json` and `NAME.SHA256SUMS` over the outputs and the

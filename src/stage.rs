@@ -38,6 +38,18 @@ pub struct Stage {
     pub digest: String,
 }
 
+impl Stage {
+    /// What a `files:` action writes: its file from `files/`, or its inline
+    /// content.
+    pub fn file_bytes(&self, f: &FileAction) -> Vec<u8> {
+        match (&f.source, &f.content) {
+            (Some(src), _) => self.assets.get(src).cloned().unwrap_or_default(),
+            (None, Some(c)) => c.as_bytes().to_vec(),
+            (None, None) => Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct When {

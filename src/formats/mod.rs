@@ -24,7 +24,7 @@ use std::time::Instant;
 
 /// One kind of output. `--format` takes these names (comma-separated), and
 /// the group names `stemcells` (the three BOSH stemcells) and `all`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// The GPT disk image itself (sparse)
