@@ -171,6 +171,10 @@ pub struct BootArgs {
     /// The hardware to boot it on (default: vsphere for a .vmdk, else kvm)
     #[arg(long, value_enum, value_name = "CLOUD")]
     pub boot_as: Option<verify::BootAs>,
+    /// The firmware: uefi, secure-boot (OVMF enforcing it, Microsoft's keys)
+    /// or bios (SeaBIOS)
+    #[arg(long, value_enum, value_name = "FIRMWARE", default_value = "uefi")]
+    pub boot_firmware: verify::BootFirmware,
     /// Where the guest's serial console goes (default: IMAGE.boot.log)
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
@@ -185,6 +189,10 @@ pub struct VerifyArgs {
     /// The hardware to boot it on (default: vsphere for a .vmdk, else kvm)
     #[arg(long, value_enum, value_name = "CLOUD")]
     pub boot_as: Option<verify::BootAs>,
+    /// The firmware: uefi, secure-boot (OVMF enforcing it, Microsoft's keys)
+    /// or bios (SeaBIOS)
+    #[arg(long, value_enum, value_name = "FIRMWARE", default_value = "uefi")]
+    pub boot_firmware: verify::BootFirmware,
     /// Where the console log and reports go (default: beside the image)
     #[arg(short, long, value_name = "DIR")]
     pub out: Option<PathBuf>,
@@ -332,18 +340,32 @@ fn build(a: BuildArgs) -> Result<i32> {
 }
 
 fn print_verdict(v: &verify::Verdict) {
+    let how = format!("{:?}, {}", v.boot_as, v.boot_firmware.name());
     if v.passed {
         let scan = v.agent.as_ref().map(|a| &a.scan.summary);
         println!(
-            "verify ({:?}): PASSED ({}; booted in {:.0} s; logged in over SSH; {} controls pass live, {} not applicable)",
-            v.boot_as,
+            "verify ({how}): PASSED ({}; booted in {:.0} s; logged in over SSH; {} controls pass live, {} not applicable)",
             v.accel,
             v.boot_seconds.unwrap_or(0.0),
             scan.map(|s| s.pass).unwrap_or(0),
             scan.map(|s| s.not_applicable).unwrap_or(0)
         );
+        if let Some(a) = &v.agent {
+            if let Some(t) = &a.boot_time {
+                println!("  {t}");
+            }
+            let slow: Vec<String> = a
+                .slowest_units
+                .iter()
+                .take(5)
+                .map(|(u, s)| format!("{u} {s:.1} s"))
+                .collect();
+            if !slow.is_empty() {
+                println!("  slowest units: {}", slow.join(", "));
+            }
+        }
     } else {
-        println!("verify ({:?}): FAILED ({})", v.boot_as, v.accel);
+        println!("verify ({how}): FAILED ({})", v.accel);
         for p in &v.problems {
             println!("  - {p}");
         }
@@ -368,6 +390,7 @@ fn boot_cmd(a: BootArgs) -> Result<i32> {
     });
     let how = verify::boot(&verify::BootOptions {
         boot_as: boot_as(a.boot_as, &a.image),
+        firmware: a.boot_firmware,
         vm: a.vm.choice(),
         image: a.image,
         console,
@@ -405,13 +428,8 @@ fn verify_cmd(a: VerifyArgs) -> Result<i32> {
             name,
             vm: a.vm.choice(),
             timeout: a.vm.timeout,
-            boot_as: a
-                .boot_as
-                .unwrap_or(if a.image.extension().is_some_and(|e| e == "vmdk") {
-                    verify::BootAs::Vsphere
-                } else {
-                    verify::BootAs::Kvm
-                }),
+            boot_as: boot_as(a.boot_as, &a.image),
+            firmware: a.boot_firmware,
         })
     })?;
     if a.json {

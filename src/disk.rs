@@ -3,10 +3,14 @@
 //! No loop devices and no mounts: each ext4 file system is made with
 //! `mkfs.ext4 -d` straight from its part of the tree, the ESP is written
 //! with the `fatfs` crate, the GPT with the `gpt` crate into a fresh sparse
-//! file, and the partition images are copied in hole by hole. The boot
-//! chain is GRUB built from the image's own modules as
-//! `EFI/BOOT/BOOTX64.EFI`, with an embedded configuration that finds the
-//! root file system by UUID and loads `/boot/grub/grub.cfg`.
+//! file, and the partition images are copied in hole by hole.
+//!
+//! The boot chain: with Secure Boot, the distribution's signed shim as
+//! `EFI/BOOT/BOOTX64.EFI` and its signed GRUB; otherwise GRUB built from
+//! the image's own modules. A hybrid disk adds a BIOS boot partition with
+//! GRUB's i386-pc core image and boot code in the MBR. Every path reads an
+//! early configuration that finds the root file system by UUID and loads
+//! `/boot/grub/grub.cfg`.
 
 use crate::chroot::Chroot;
 use crate::config::format_size;
@@ -36,6 +40,8 @@ pub mod types {
     pub const HOME: &str = "933AC7E1-2EB4-4F13-B844-0E14E2AEF915";
     pub const SRV: &str = "3B8F8425-20E0-4F3B-907F-1A25A76F98E8";
     pub const LINUX_DATA: &str = "0FC63DAF-8483-4772-8E79-3D69D8477DE4";
+    /// GRUB's BIOS boot partition ("Hah!IdontNeedEFI").
+    pub const BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
 }
 
 /// ext4 features named explicitly: what GRUB 2.06 and e2fsprogs 1.46
@@ -106,6 +112,18 @@ pub struct DiskPlan {
     pub disk_guid: Uuid,
     pub partitions: Vec<PlannedPartition>,
     pub mounts: Vec<ExtraMount>,
+    /// The BIOS boot partition of a hybrid disk: first on the disk, the
+    /// last GPT entry.
+    pub bios_boot: Option<BiosBoot>,
+}
+
+/// Where GRUB's i386-pc core image lives on a hybrid disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct BiosBoot {
+    pub number: u32,
+    pub first_lba: u64,
+    pub sectors: u64,
+    pub part_guid: Uuid,
 }
 
 fn type_for(mount: &str, fs: FsType) -> &'static str {
@@ -124,6 +142,16 @@ fn type_for(mount: &str, fs: FsType) -> &'static str {
 /// fresh identifiers.
 pub fn plan(p: &Profile) -> DiskPlan {
     let mut at = ALIGN;
+    let bios_boot = p.boot.bios.then(|| {
+        let b = BiosBoot {
+            number: p.disk.partitions.len() as u32 + 1,
+            first_lba: at / SECTOR,
+            sectors: crate::profile::BIOS_BOOT_SIZE / SECTOR,
+            part_guid: Uuid::new_v4(),
+        };
+        at += crate::profile::BIOS_BOOT_SIZE;
+        b
+    });
     let mut partitions = Vec::new();
     for (i, part) in p.disk.partitions.iter().enumerate() {
         let size = part.size.div_ceil(ALIGN) * ALIGN;
@@ -153,6 +181,7 @@ pub fn plan(p: &Profile) -> DiskPlan {
         disk_guid: Uuid::new_v4(),
         partitions,
         mounts: p.disk.mounts.clone(),
+        bios_boot,
     }
 }
 
@@ -226,6 +255,16 @@ impl DiskPlan {
             format_size(self.size),
             self.disk_guid
         );
+        if let Some(b) = &self.bios_boot {
+            s.push_str(&format!(
+                "  {:>2}  {:<16} {:<5} {:>7}  at {:>7}  GRUB i386-pc core image\n",
+                b.number,
+                "(BIOS boot)",
+                "-",
+                format_size(b.sectors * SECTOR),
+                format_size(b.first_lba * SECTOR),
+            ));
+        }
         for p in &self.partitions {
             s.push_str(&format!(
                 "  {:>2}  {:<16} {:<5} {:>7}  at {:>7}  {}\n",
@@ -360,41 +399,205 @@ pub fn early_cfg(plan: &DiskPlan) -> String {
     )
 }
 
-/// Build BOOTX64.EFI with the image's own grub-mkimage and modules.
-pub fn build_grub_efi(chroot: &Chroot, plan: &DiskPlan) -> Result<Vec<u8>> {
+/// What the firmware starts: the files GRUB (and shim) put on the ESP and,
+/// on a hybrid disk, GRUB's i386-pc boot and core images.
+pub struct BootFiles {
+    /// ESP path (8.3 names) and content.
+    pub esp: Vec<(String, Vec<u8>)>,
+    pub bios: Option<BiosImages>,
+}
+
+/// GRUB for BIOS firmware: `boot.img` for the MBR's code area and
+/// `core.img` for the BIOS boot partition.
+pub struct BiosImages {
+    pub boot: Vec<u8>,
+    pub core: Vec<u8>,
+}
+
+/// The files of the image's boot chain: the distribution's signed ones
+/// for Secure Boot, else GRUB built with the image's own grub-mkimage; and
+/// GRUB for BIOS on a hybrid disk.
+pub fn boot_files(chroot: &Chroot, plan: &DiskPlan, p: &Profile) -> Result<BootFiles> {
     let root = chroot.root();
-    let mods = root.join("usr/lib/grub/x86_64-efi");
-    if !mods.join("normal.mod").exists() {
-        bail!(
-            "{} has no GRUB EFI modules: install grub-efi-amd64-bin in the profile",
-            mods.display()
-        );
+    let early = early_cfg(plan).into_bytes();
+    let esp = if p.boot.secure_boot {
+        signed_esp_files(root, &p.os.distro, &early)?
+    } else {
+        vec![(
+            "EFI/BOOT/BOOTX64.EFI".to_string(),
+            grub_mkimage(chroot, plan, "x86_64-efi", &[], "grub-efi-amd64-bin")?,
+        )]
+    };
+    let bios = if plan.bios_boot.is_some() {
+        let core = grub_mkimage(chroot, plan, "i386-pc", &["biosdisk"], "grub-pc-bin")?;
+        let boot_img = root.join("usr/lib/grub/i386-pc/boot.img");
+        let boot =
+            std::fs::read(&boot_img).with_context(|| format!("reading {}", boot_img.display()))?;
+        Some(BiosImages { boot, core })
+    } else {
+        None
+    };
+    Ok(BootFiles { esp, bios })
+}
+
+/// The ESP of a Secure Boot image: the distribution's signed shim as
+/// the removable-media loader, its signed GRUB beside it, MokManager when
+/// the image has it, and the early configuration where that GRUB looks:
+/// `EFI/<distro>` (Debian and Ubuntu build it with that prefix) and, as
+/// its fallback, its own directory.
+pub fn signed_esp_files(root: &Path, distro: &str, early: &[u8]) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut esp = Vec::new();
+    // The first of each list that the image has: Ubuntu names its
+    // current shim `.latest`; Debian signs MokManager separately.
+    let first = |rels: &[&str]| rels.iter().map(|r| root.join(r)).find(|p| p.is_file());
+    let read = |rels: &[&str], pkg: &str| -> Result<Vec<u8>> {
+        let p = first(rels).with_context(|| {
+            format!(
+                "the image has no /{}: Secure Boot needs the package {pkg}",
+                rels[rels.len() - 1]
+            )
+        })?;
+        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    esp.push((
+        "EFI/BOOT/BOOTX64.EFI".to_string(),
+        read(
+            &[
+                "usr/lib/shim/shimx64.efi.signed.latest",
+                "usr/lib/shim/shimx64.efi.signed",
+            ],
+            "shim-signed",
+        )?,
+    ));
+    esp.push((
+        "EFI/BOOT/grubx64.efi".to_string(),
+        read(
+            &["usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed"],
+            "grub-efi-amd64-signed",
+        )?,
+    ));
+    // MokManager, which shim starts when a key enrolment is pending.
+    let mm = ["usr/lib/shim/mmx64.efi.signed", "usr/lib/shim/mmx64.efi"];
+    if let Some(p) = first(&mm) {
+        let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        esp.push(("EFI/BOOT/mmx64.efi".to_string(), bytes));
+    }
+    esp.push(("EFI/BOOT/grub.cfg".to_string(), early.to_vec()));
+    esp.push((format!("EFI/{distro}/grub.cfg"), early.to_vec()));
+    Ok(esp)
+}
+
+/// A GRUB image for `platform` from the image's own grub-mkimage and
+/// modules, with the early configuration and every module built in
+/// (nothing is loaded from disk).
+fn grub_mkimage(
+    chroot: &Chroot,
+    plan: &DiskPlan,
+    platform: &str,
+    extra: &[&str],
+    package: &str,
+) -> Result<Vec<u8>> {
+    let root = chroot.root();
+    let dir = format!("/usr/lib/grub/{platform}");
+    if !root.join(&dir[1..]).join("normal.mod").exists() {
+        bail!("{dir} is missing from the image: install {package} in the profile");
     }
     let cfg = root.join("tmp/stemforge-early.cfg");
     std::fs::write(&cfg, early_cfg(plan)).with_context(|| format!("writing {}", cfg.display()))?;
+    let out_rel = format!("/tmp/stemforge-grub-{platform}.img");
     let mut argv = vec![
         "grub-mkimage",
         "-O",
-        "x86_64-efi",
+        platform,
         "-o",
-        "/tmp/stemforge-bootx64.efi",
+        &out_rel,
         "-c",
         "/tmp/stemforge-early.cfg",
         "-p",
         "/boot/grub",
         "-d",
-        "/usr/lib/grub/x86_64-efi",
+        &dir,
     ];
-    argv.extend(GRUB_MODULES);
+    argv.extend(
+        GRUB_MODULES
+            .iter()
+            .filter(|m| platform.ends_with("-efi") || !m.starts_with("efi_")),
+    );
+    argv.extend(extra);
     let r = chroot
         .run(&argv)
-        .context("building BOOTX64.EFI with the image's grub-mkimage");
-    let out = root.join("tmp/stemforge-bootx64.efi");
+        .with_context(|| format!("building GRUB for {platform} with the image's grub-mkimage"));
+    let out = root.join(&out_rel[1..]);
     let bytes =
         r.and_then(|_| std::fs::read(&out).with_context(|| format!("reading {}", out.display())));
     let _ = std::fs::remove_file(&cfg);
     let _ = std::fs::remove_file(&out);
     bytes
+}
+
+/// GRUB's boot.img layout (grub-core/boot/i386/pc/boot.S): the LBA of
+/// core.img's first sector, the boot drive, and the floppy probe jump.
+const BOOT_KERNEL_SECTOR: usize = 0x5c;
+const BOOT_DRIVE: usize = 0x64;
+const BOOT_DRIVE_CHECK: usize = 0x66;
+/// Where the MBR's own data starts: the disk signature, then the
+/// partition table. boot.img's code ends before it.
+const MBR_SIGNATURE: usize = 0x1b8;
+
+/// Install GRUB for BIOS on a GPT disk file: boot.img into the MBR's code
+/// area (keeping the protective partition table), core.img into the BIOS
+/// boot partition, with the block list in core.img's first sector pointing
+/// at the rest of it.
+///
+/// Written here because grub-bios-setup only works on a block device
+/// whose root file system it can probe (on a disk file it stops at
+/// "guessing the root device failed"). This does what it does for a GPT
+/// disk with a BIOS boot partition, without Reed-Solomon codes (its
+/// `--no-rs-codes`).
+pub fn install_bios_boot(disk: &File, b: &BiosBoot, img: &BiosImages) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let sectors = img.core.len().div_ceil(SECTOR as usize) as u64;
+    if img.boot.len() != SECTOR as usize || sectors < 2 {
+        bail!(
+            "GRUB's boot.img ({} bytes) or core.img ({} bytes) is not what GRUB makes",
+            img.boot.len(),
+            img.core.len()
+        );
+    }
+    if sectors > b.sectors {
+        bail!(
+            "GRUB's core.img ({} sectors) does not fit the BIOS boot partition ({} sectors)",
+            sectors,
+            b.sectors
+        );
+    }
+    let mut core = img.core.clone();
+    core.resize((sectors * SECTOR) as usize, 0);
+    // The last 12 bytes of the first sector: the first block list entry
+    // (start LBA u64, sector count u16, load segment u16); the next entry
+    // (before it) stays zero as the terminator.
+    let list = SECTOR as usize - 12;
+    core[list..list + 8].copy_from_slice(&(b.first_lba + 1).to_le_bytes());
+    core[list + 8..list + 10].copy_from_slice(
+        &u16::try_from(sectors - 1)
+            .context("core.img is too large")?
+            .to_le_bytes(),
+    );
+    core[list - 12..list].fill(0);
+    let mut mbr = [0u8; SECTOR as usize];
+    disk.read_exact_at(&mut mbr, 0)
+        .context("reading the protective MBR")?;
+    mbr[..MBR_SIGNATURE].copy_from_slice(&img.boot[..MBR_SIGNATURE]);
+    mbr[BOOT_KERNEL_SECTOR..BOOT_KERNEL_SECTOR + 8].copy_from_slice(&b.first_lba.to_le_bytes());
+    // 0xff: boot from the drive the BIOS passes.
+    mbr[BOOT_DRIVE] = 0xff;
+    // A hard disk: no probing for a floppy (two NOPs over the jump).
+    mbr[BOOT_DRIVE_CHECK..BOOT_DRIVE_CHECK + 2].copy_from_slice(&[0x90, 0x90]);
+    disk.write_all_at(&core, b.first_lba * SECTOR)
+        .context("writing GRUB's core.img into the BIOS boot partition")?;
+    disk.write_all_at(&mbr, 0)
+        .context("writing GRUB's boot.img into the MBR")?;
+    Ok(())
 }
 
 /// A part of the tree moved aside to become its own file system.
@@ -540,8 +743,13 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
 }
 
 /// The EFI system partition: FAT32 with the tree's /boot/efi content and
-/// GRUB at the removable-media path.
-pub fn write_esp(image: &Path, p: &PlannedPartition, src: &Path, bootx64: &[u8]) -> Result<()> {
+/// the boot chain's files (the loader at the removable-media path).
+pub fn write_esp(
+    image: &Path,
+    p: &PlannedPartition,
+    src: &Path,
+    files: &[(String, Vec<u8>)],
+) -> Result<()> {
     use fatfs::{FatType, FileSystem, FormatVolumeOptions, FsOptions};
     let f = File::options()
         .create(true)
@@ -575,15 +783,24 @@ pub fn write_esp(image: &Path, p: &PlannedPartition, src: &Path, bootx64: &[u8])
     {
         let root = fs.root_dir();
         copy_into_fat(&root, src)?;
-        let efi = root.create_dir("EFI").context("ESP: creating EFI")?;
-        let boot = efi.create_dir("BOOT").context("ESP: creating EFI/BOOT")?;
-        let mut file = boot
-            .create_file("BOOTX64.EFI")
-            .context("ESP: creating BOOTX64.EFI")?;
-        file.truncate().context("ESP: truncating BOOTX64.EFI")?;
-        file.write_all(bootx64)
-            .context("ESP: writing BOOTX64.EFI")?;
-        file.flush().context("ESP: flushing BOOTX64.EFI")?;
+        for (path, bytes) in files {
+            let (dirs, name) = path.rsplit_once('/').unwrap_or(("", path));
+            let mut dir = root.clone();
+            for d in dirs.split('/').filter(|d| !d.is_empty()) {
+                dir = dir
+                    .create_dir(d)
+                    .with_context(|| format!("ESP: creating {d} for {path}"))?;
+            }
+            let mut file = dir
+                .create_file(name)
+                .with_context(|| format!("ESP: creating {path}"))?;
+            file.truncate()
+                .with_context(|| format!("ESP: truncating {path}"))?;
+            file.write_all(bytes)
+                .with_context(|| format!("ESP: writing {path}"))?;
+            file.flush()
+                .with_context(|| format!("ESP: flushing {path}"))?;
+        }
     }
     fs.unmount().context("closing the ESP")?;
     fix_root_dotdot(&f).context("fixing the ESP's directory entries")?;
@@ -662,7 +879,12 @@ fn copy_into_fat<T: fatfs::ReadWriteSeek>(dir: &fatfs::Dir<T>, src: &Path) -> Re
 
 /// Write the GPT into a fresh sparse file of the disk's size and copy each
 /// partition image into place.
-pub fn write_gpt_disk(out: &Path, plan: &DiskPlan, images: &[(u32, PathBuf)]) -> Result<()> {
+pub fn write_gpt_disk(
+    out: &Path,
+    plan: &DiskPlan,
+    images: &[(u32, PathBuf)],
+    bios: Option<&BiosImages>,
+) -> Result<()> {
     use gpt::disk::LogicalBlockSize;
     use gpt::partition_types::{OperatingSystem, Type};
     let mut f = File::options()
@@ -698,10 +920,27 @@ pub fn write_gpt_disk(out: &Path, plan: &DiskPlan, images: &[(u32, PathBuf)]) ->
         )
         .with_context(|| format!("adding partition {} ({}) to the GPT", p.number, p.mount))?;
     }
+    if let Some(b) = &plan.bios_boot {
+        disk.add_partition_at(
+            "bios",
+            b.number,
+            b.first_lba,
+            b.sectors,
+            Type {
+                guid: Uuid::parse_str(types::BIOS_BOOT).expect("static GUIDs parse"),
+                os: OperatingSystem::None,
+            },
+            0,
+        )
+        .context("adding the BIOS boot partition to the GPT")?;
+    }
     let mut entries = disk.partitions().clone();
     for (n, e) in entries.iter_mut() {
         if let Some(p) = plan.partitions.iter().find(|p| p.number == *n) {
             e.part_guid = p.part_guid;
+        }
+        if let Some(b) = plan.bios_boot.as_ref().filter(|b| b.number == *n) {
+            e.part_guid = b.part_guid;
         }
     }
     disk.update_partitions(entries)
@@ -718,6 +957,11 @@ pub fn write_gpt_disk(out: &Path, plan: &DiskPlan, images: &[(u32, PathBuf)]) ->
         let src = File::open(img).with_context(|| format!("opening {}", img.display()))?;
         fsutil::copy_sparse_into(&src, &f, p.offset())
             .with_context(|| format!("copying {} into {}", img.display(), out.display()))?;
+    }
+    match (&plan.bios_boot, bios) {
+        (Some(b), Some(img)) => install_bios_boot(&f, b, img)?,
+        (None, None) => {}
+        _ => bail!("the plan's BIOS boot partition and GRUB's BIOS images must come together"),
     }
     f.sync_all()
         .with_context(|| format!("syncing {}", out.display()))?;
@@ -755,19 +999,19 @@ pub fn assemble(
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600))
         .context("chmod grub.cfg")?;
     fsutil::lchown(&cfg, 0, 0)?;
-    progress::activity("grub-mkimage");
-    let bootx64 = build_grub_efi(chroot, plan)?;
+    progress::activity("boot loaders");
+    let boot = boot_files(chroot, plan, profile)?;
 
     let stage_dir = work.join("parts");
     fsutil::remove_tree(&stage_dir)?;
     std::fs::create_dir_all(&stage_dir)
         .with_context(|| format!("creating {}", stage_dir.display()))?;
     let carved = carve(&tree, &stage_dir, plan)?;
-    let made = make_filesystems(&tree, plan, &carved, work, &bootx64);
+    let made = make_filesystems(&tree, plan, &carved, work, &boot.esp);
     uncarve(&tree, carved)?;
     let images = made?;
     progress::activity("writing the GPT disk");
-    write_gpt_disk(out, plan, &images)?;
+    write_gpt_disk(out, plan, &images, boot.bios.as_ref())?;
     for (_, img) in &images {
         let _ = std::fs::remove_file(img);
     }
@@ -786,7 +1030,7 @@ fn make_filesystems(
     plan: &DiskPlan,
     carved: &[Carved],
     work: &Path,
-    bootx64: &[u8],
+    esp_files: &[(String, Vec<u8>)],
 ) -> Result<Vec<(u32, PathBuf)>> {
     let mut images = Vec::new();
     for p in &plan.partitions {
@@ -803,7 +1047,7 @@ fn make_filesystems(
         progress::activity(&format!("{} {}", p.fs.as_str(), p.mount));
         match p.fs {
             FsType::Ext4 => mkfs_ext4(&img, p, &src)?,
-            FsType::Vfat => write_esp(&img, p, &src, bootx64)?,
+            FsType::Vfat => write_esp(&img, p, &src, esp_files)?,
         }
         images.push((p.number, img));
     }
@@ -834,6 +1078,162 @@ mod tests {
         assert_eq!(plan.esp().type_guid, types::ESP);
         assert_eq!(plan.root().type_guid, types::ROOT_X86_64);
         assert!(plan.esp().fs_uuid.len() == 9 && plan.esp().fs_uuid.contains('-'));
+    }
+
+    #[test]
+    fn a_hybrid_plan_puts_the_bios_boot_partition_first_on_the_disk_last_in_the_table() {
+        let p = profile();
+        assert!(p.boot.bios);
+        let plan = plan(&p);
+        let b = plan.bios_boot.as_ref().unwrap();
+        assert_eq!((b.first_lba, b.sectors), (2048, 2048));
+        assert_eq!(b.number as usize, p.disk.partitions.len() + 1);
+        assert_eq!(plan.partitions[0].offset(), 2 << 20, "the ESP follows it");
+        assert!(
+            plan.describe().contains("(BIOS boot)"),
+            "{}",
+            plan.describe()
+        );
+        let mut plain = p.clone();
+        plain.boot.bios = false;
+        let plan = super::plan(&plain);
+        assert!(plan.bios_boot.is_none());
+        assert_eq!(plan.partitions[0].offset(), 1 << 20);
+    }
+
+    #[test]
+    fn bios_boot_code_points_at_core_img_and_keeps_the_partition_table() {
+        use std::os::unix::fs::FileExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("disk.img");
+        let mut f = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(8 << 20).unwrap();
+        gpt::mbr::ProtectiveMBR::with_lb_size(16383)
+            .overwrite_lba0(&mut f)
+            .unwrap();
+        let mut before = [0u8; 512];
+        f.read_exact_at(&mut before, 0).unwrap();
+        let boot = vec![0xAB; 512];
+        // core.img: 2.5 sectors, as grub-mkimage leaves its block list
+        // (start 2, its own length, segment 0x820).
+        let mut core = vec![0xCD; 1280];
+        core[500..512].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0x20, 0x08]);
+        let b = BiosBoot {
+            number: 8,
+            first_lba: 2048,
+            sectors: 2048,
+            part_guid: Uuid::nil(),
+        };
+        install_bios_boot(
+            &f,
+            &b,
+            &BiosImages {
+                boot: boot.clone(),
+                core,
+            },
+        )
+        .unwrap();
+        let mut mbr = [0u8; 512];
+        f.read_exact_at(&mut mbr, 0).unwrap();
+        assert_eq!(&mbr[..0x5c], &boot[..0x5c]);
+        assert_eq!(
+            u64::from_le_bytes(mbr[0x5c..0x64].try_into().unwrap()),
+            2048
+        );
+        assert_eq!((mbr[0x64], mbr[0x66], mbr[0x67]), (0xff, 0x90, 0x90));
+        assert_eq!(&mbr[0x68..0x1b8], &boot[0x68..0x1b8]);
+        assert_eq!(
+            &mbr[0x1b8..],
+            &before[0x1b8..],
+            "disk signature and table kept"
+        );
+        let mut first = [0u8; 512];
+        f.read_exact_at(&mut first, 2048 * 512).unwrap();
+        assert_eq!(
+            u64::from_le_bytes(first[500..508].try_into().unwrap()),
+            2049
+        );
+        assert_eq!(
+            u16::from_le_bytes([first[508], first[509]]),
+            2,
+            "the rest: 2 sectors"
+        );
+        assert_eq!(
+            u16::from_le_bytes([first[510], first[511]]),
+            0x820,
+            "segment kept"
+        );
+        let mut third = [0u8; 512];
+        f.read_exact_at(&mut third, 2050 * 512).unwrap();
+        assert_eq!(&third[..256], &[0xCD; 256][..]);
+        assert_eq!(&third[256..], &[0u8; 256][..], "padded to a whole sector");
+        // A core image larger than the partition is refused.
+        let small = BiosBoot { sectors: 2, ..b };
+        let big = BiosImages {
+            boot,
+            core: vec![0; 1536],
+        };
+        let e = install_bios_boot(&f, &small, &big).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+    }
+
+    #[test]
+    fn the_signed_esp_takes_each_distributions_file_names() {
+        let d = tempfile::tempdir().unwrap();
+        let put = |rel: &str, body: &str| {
+            let p = d.path().join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        };
+        // Ubuntu: the current shim is `.latest`, MokManager is unsuffixed.
+        put("usr/lib/shim/shimx64.efi.signed.latest", "shim-latest");
+        put("usr/lib/shim/shimx64.efi.signed", "shim-old");
+        put("usr/lib/shim/mmx64.efi", "mm");
+        let e = signed_esp_files(d.path(), "ubuntu", b"cfg").unwrap_err();
+        assert!(e.to_string().contains("grub-efi-amd64-signed"), "{e}");
+        put("usr/lib/grub/x86_64-efi-signed/grubx64.efi.signed", "grub");
+        let files = signed_esp_files(d.path(), "ubuntu", b"cfg").unwrap();
+        let get = |name: &str| {
+            files
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, b)| String::from_utf8_lossy(b).into_owned())
+        };
+        assert_eq!(get("EFI/BOOT/BOOTX64.EFI").as_deref(), Some("shim-latest"));
+        assert_eq!(get("EFI/BOOT/grubx64.efi").as_deref(), Some("grub"));
+        assert_eq!(get("EFI/BOOT/mmx64.efi").as_deref(), Some("mm"));
+        assert_eq!(get("EFI/ubuntu/grub.cfg").as_deref(), Some("cfg"));
+        assert_eq!(get("EFI/BOOT/grub.cfg").as_deref(), Some("cfg"));
+        // Debian: plain `.signed` names, MokManager signed separately.
+        std::fs::remove_file(d.path().join("usr/lib/shim/shimx64.efi.signed.latest")).unwrap();
+        put("usr/lib/shim/mmx64.efi.signed", "mm-signed");
+        let files = signed_esp_files(d.path(), "debian", b"cfg").unwrap();
+        let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"EFI/debian/grub.cfg"), "{names:?}");
+        assert!(
+            files
+                .iter()
+                .any(|(n, b)| n == "EFI/BOOT/mmx64.efi" && b == b"mm-signed")
+        );
+        assert!(
+            files
+                .iter()
+                .any(|(n, b)| n == "EFI/BOOT/BOOTX64.EFI" && b == b"shim-old")
+        );
+        // Every name fits FAT's 8.3 form (the ESP is written without long
+        // names).
+        for n in names {
+            for part in n.split('/') {
+                let (stem, ext) = part.split_once('.').unwrap_or((part, ""));
+                assert!(stem.len() <= 8 && ext.len() <= 3, "{part}");
+            }
+        }
     }
 
     #[test]
@@ -926,7 +1326,13 @@ mod tests {
         std::fs::create_dir_all(src.join("VENDOR")).unwrap();
         std::fs::write(src.join("VENDOR/NOTE.TXT"), "x").unwrap();
         let img = d.path().join("esp.img");
-        write_esp(&img, plan.esp(), &src, &vec![0x4d; 700_000]).unwrap();
+        write_esp(
+            &img,
+            plan.esp(),
+            &src,
+            &[("EFI/BOOT/BOOTX64.EFI".into(), vec![0x4d; 700_000])],
+        )
+        .unwrap();
         let out = cmd("fsck.fat", ["-n", "-v"])
             .arg(&img)
             .run_unchecked()

@@ -222,8 +222,19 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         outputs.push(o.out_dir.join(format!("{name}.{suffix}")));
     }
     if o.verify {
-        for suffix in ["console.log", "scan.json", "verify.json"] {
-            outputs.push(o.out_dir.join(format!("{name}.{suffix}")));
+        // One set per boot (see `boots`): the first keeps the plain names.
+        let mut sets = vec![""];
+        let made = Format::closure(&formats);
+        if made.contains(&Format::Vmdk) {
+            sets.push(".vsphere");
+        }
+        if made.contains(&Format::Aws) {
+            sets.push(".aws");
+        }
+        for set in sets {
+            for suffix in ["console.log", "scan.json", "verify.json"] {
+                outputs.push(o.out_dir.join(format!("{name}{set}.{suffix}")));
+            }
         }
     }
     let agent_binary = match &o.agent_binary {
@@ -526,6 +537,32 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     // namespaces that died with it), so it can go.
     fsutil::remove_tree(&work)?;
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    // This build's outputs from an earlier one, finished or cut short, go
+    // first, and every output of the profile's that a killed build left
+    // half-written: after a failure or a kill, every output there is whole
+    // and of this build.
+    let os = format!("{}-{}", plan.profile.os.distro, plan.profile.os.codename);
+    let half_written = Format::ALL.iter().flat_map(|f| {
+        formats::producer(*f)
+            .files_for(&plan.name, &plan.version, &os)
+            .into_iter()
+            .map(|n| fsutil::partial_path(&o.out_dir.join(n)))
+    });
+    let stale: Vec<PathBuf> = plan
+        .outputs
+        .iter()
+        .flat_map(|out| [fsutil::partial_path(out), out.clone()])
+        .chain(half_written)
+        .collect();
+    {
+        for p in stale {
+            if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                fsutil::remove_tree(&p)?;
+            } else if p.symlink_metadata().is_ok() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            }
+        }
+    }
     let log = o.out_dir.join(format!("{}.build.log", plan.name));
     let _ = std::fs::remove_file(&log);
     progress::set_log_file(&log)?;
@@ -678,11 +715,16 @@ fn run_steps(
         .flat_map(|(_, v)| v.iter().cloned())
         .collect();
     let verdicts = if o.verify {
-        let boots = boots(&products);
+        let boots = boots(&products, &plan.profile.boot);
         steps.run("verify", |s| {
             let mut verdicts = Vec::new();
-            for (image, boot_as, name) in boots {
-                progress::info(&format!("    booting {} as {:?}", image.display(), boot_as));
+            for (image, boot_as, firmware, name) in boots {
+                progress::info(&format!(
+                    "    booting {} as {:?} with {}",
+                    image.display(),
+                    boot_as,
+                    firmware.name()
+                ));
                 let v = verify::verify(&VerifyOptions {
                     image,
                     out_dir: o.out_dir.clone(),
@@ -695,10 +737,12 @@ fn run_steps(
                     },
                     timeout: o.timeout,
                     boot_as,
+                    firmware,
                 })?;
                 s.note(format!(
-                    "{:?} {}{}",
+                    "{:?}/{} {}{}",
                     boot_as,
+                    firmware.name(),
                     if v.passed { "passed" } else { "FAILED" },
                     v.boot_seconds
                         .map(|b| format!(" in {b:.0} s"))
@@ -721,36 +765,51 @@ fn run_steps(
     Ok((artifacts, offline, verdicts))
 }
 
-/// What verify boots: the qcow2 on KVM's hardware, the VMDK on vSphere's,
-/// the raw disk on AWS's when the AWS output was made (on KVM's when it is
-/// the only disk). With the suffix of each boot's report files: the first
-/// keeps the plain names.
-fn boots(products: &formats::Products) -> Vec<(PathBuf, verify::BootAs, String)> {
-    use verify::BootAs;
+/// What verify boots: the qcow2 on KVM's hardware (through Secure Boot
+/// when the image is signed), the VMDK on vSphere's, the raw disk on AWS's
+/// when the AWS output was made (with legacy BIOS when the disk is hybrid,
+/// as on instance types without UEFI), or on KVM's when it is the only
+/// disk. With the suffix of each boot's report files: the first keeps the
+/// plain names.
+fn boots(
+    products: &formats::Products,
+    boot: &crate::profile::Boot,
+) -> Vec<(PathBuf, verify::BootAs, verify::BootFirmware, String)> {
+    use verify::{BootAs, BootFirmware};
     let disk = |f: Format, ext: &str| {
         formats::input(products, f, ext)
             .ok()
             .map(|a| a.path.clone())
     };
-    let mut out: Vec<(PathBuf, BootAs)> = Vec::new();
-    out.extend(disk(Format::Qcow2, ".qcow2").map(|p| (p, BootAs::Kvm)));
-    out.extend(disk(Format::Vmdk, ".vmdk").map(|p| (p, BootAs::Vsphere)));
+    let uefi = if boot.secure_boot {
+        BootFirmware::SecureBoot
+    } else {
+        BootFirmware::Uefi
+    };
+    let mut out: Vec<(PathBuf, BootAs, BootFirmware)> = Vec::new();
+    out.extend(disk(Format::Qcow2, ".qcow2").map(|p| (p, BootAs::Kvm, uefi)));
+    out.extend(disk(Format::Vmdk, ".vmdk").map(|p| (p, BootAs::Vsphere, BootFirmware::Uefi)));
     if let Some(raw) = disk(Format::Raw, ".raw") {
         if products.contains_key(&Format::Aws) {
-            out.push((raw, BootAs::Aws));
+            let fw = if boot.bios {
+                BootFirmware::Bios
+            } else {
+                BootFirmware::Uefi
+            };
+            out.push((raw, BootAs::Aws, fw));
         } else if out.is_empty() {
-            out.push((raw, BootAs::Kvm));
+            out.push((raw, BootAs::Kvm, uefi));
         }
     }
     out.into_iter()
         .enumerate()
-        .map(|(i, (p, b))| {
+        .map(|(i, (p, b, f))| {
             let suffix = if i == 0 {
                 String::new()
             } else {
                 format!(".{}", format!("{b:?}").to_lowercase())
             };
-            (p, b, suffix)
+            (p, b, f, suffix)
         })
         .collect()
 }

@@ -14,6 +14,8 @@ pub const DEFAULT_PROFILE: &str = "ubuntu-noble";
 /// Space the GPT needs around the partitions: 1 MiB before the first
 /// partition (alignment) and 1 MiB at the end for the backup table.
 pub const GPT_OVERHEAD: u64 = 2 << 20;
+/// The BIOS boot partition of a hybrid disk (GRUB's core.img goes there).
+pub const BIOS_BOOT_SIZE: u64 = 1 << 20;
 
 /// The outputs of a profile that names none.
 pub const DEFAULT_FORMATS: &[crate::formats::Format] =
@@ -122,7 +124,17 @@ pub enum ExtraMountKind {
 pub struct Boot {
     pub cmdline: Vec<String>,
     pub timeout: u32,
+    /// A hybrid disk: a BIOS boot partition and GRUB for i386-pc beside
+    /// the ESP, so BIOS firmware boots the same disk.
+    pub bios: bool,
+    /// The UEFI path boots through the distribution's signed shim and
+    /// signed GRUB.
+    pub secure_boot: bool,
 }
+
+/// The packages each boot option needs in the image.
+pub const BIOS_PACKAGES: &[&str] = &["grub-pc-bin"];
+pub const SECURE_BOOT_PACKAGES: &[&str] = &["shim-signed", "grub-efi-amd64-signed"];
 
 // ---------------------------------------------------------------------------
 // The file format: every key optional so `extends` can override any of them.
@@ -190,6 +202,8 @@ struct MountFile {
 struct BootFile {
     cmdline: Option<Vec<String>>,
     timeout: Option<u32>,
+    bios: Option<bool>,
+    secure_boot: Option<bool>,
 }
 
 /// A size as written: `512MiB` or a plain number of bytes.
@@ -638,7 +652,36 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
             .iter()
             .find_map(|l| l.file.boot.as_ref().and_then(|b| b.timeout))
             .unwrap_or(1),
+        bios: boot_flag(&chain, |b| b.bios),
+        secure_boot: boot_flag(&chain, |b| b.secure_boot),
     };
+    type Flag = fn(&BootFile) -> Option<bool>;
+    let flags: [(bool, &str, &[&str], Flag); 2] = [
+        (boot.bios, "bios", BIOS_PACKAGES, |b| b.bios),
+        (boot.secure_boot, "secure_boot", SECURE_BOOT_PACKAGES, |b| {
+            b.secure_boot
+        }),
+    ];
+    for (on, key, needs, get) in flags {
+        let absent: Vec<&str> = needs
+            .iter()
+            .copied()
+            .filter(|n| on && !packages.iter().any(|p| p == n))
+            .collect();
+        if !absent.is_empty() {
+            let l = chain
+                .iter()
+                .find(|l| l.file.boot.as_ref().and_then(get).is_some())
+                .unwrap_or(&chain[0]);
+            return Err(ConfigError::at(
+                &l.path,
+                &l.text,
+                format!("boot.{key}"),
+                &format!(r"^\s*{key}:"),
+                format!("boot.{key} needs {} in packages", absent.join(" and ")),
+            ));
+        }
+    }
     let roles = pick!(roles).unwrap_or_default();
     let description = pick!(description).unwrap_or_default();
     let formats = match chain.iter().find(|l| l.file.formats.is_some()) {
@@ -662,6 +705,14 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
         boot,
         roles,
     })
+}
+
+/// A boolean of the boot section: the nearest file that sets it, else off.
+fn boot_flag(chain: &[Loaded], get: impl Fn(&BootFile) -> Option<bool>) -> bool {
+    chain
+        .iter()
+        .find_map(|l| l.file.boot.as_ref().and_then(&get))
+        .unwrap_or(false)
 }
 
 /// The nearest file of the chain whose bootstrap section sets a key.
@@ -742,7 +793,12 @@ fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
         .iter()
         .map(|p| p.size.div_ceil(1 << 20) * (1 << 20))
         .sum::<u64>()
-        + GPT_OVERHEAD;
+        + GPT_OVERHEAD
+        + if boot_flag(chain, |b| b.bios) {
+            BIOS_BOOT_SIZE
+        } else {
+            0
+        };
     let size_text = chain.iter().find_map(|l| {
         l.file
             .disk
@@ -996,6 +1052,54 @@ disk:
         assert!(e.message.contains("first suite"), "{e}");
         let e = err_of(&GOOD.replace("fs: tmpfs", "fs: ramfs"));
         assert!(e.message.contains("tmpfs"), "{e}");
+    }
+
+    #[test]
+    fn boot_options_need_their_packages_and_say_where() {
+        let hybrid = format!("{GOOD}boot:\n  timeout: 2\n  bios: true\n  secure_boot: true\n");
+        let e = err_of(&hybrid);
+        assert_eq!(e.key.as_deref(), Some("boot.bios"), "{e}");
+        assert_eq!(e.line, Some(23), "{e}");
+        assert!(e.message.contains("grub-pc-bin"), "{e}");
+        let with_pc = hybrid.replace(
+            "packages: [systemd-sysv, openssh-server]",
+            "packages: [systemd-sysv, openssh-server, grub-pc-bin, shim-signed]",
+        );
+        let e = err_of(&with_pc);
+        assert_eq!(e.key.as_deref(), Some("boot.secure_boot"), "{e}");
+        assert_eq!(e.line, Some(24), "{e}");
+        assert!(
+            e.message.contains("grub-efi-amd64-signed") && !e.message.contains("shim-signed"),
+            "{e}"
+        );
+        let d = tempfile::tempdir().unwrap();
+        let all = with_pc.replace("shim-signed]", "shim-signed, grub-efi-amd64-signed]");
+        let p = write(d.path(), "t.yml", &all);
+        let prof = load(p.to_str().unwrap(), &ProfileSource::Embedded).unwrap();
+        assert!(prof.boot.bios && prof.boot.secure_boot);
+        // Off unless a profile says so; the disk then needs no room for a
+        // BIOS boot partition.
+        let p = write(d.path(), "plain.yml", GOOD);
+        let plain = load(p.to_str().unwrap(), &ProfileSource::Embedded).unwrap();
+        assert!(!plain.boot.bios && !plain.boot.secure_boot);
+    }
+
+    #[test]
+    fn a_hybrid_disk_needs_room_for_the_bios_boot_partition() {
+        // GOOD's partitions fill 2432 MiB; with 2 MiB for the GPT and
+        // 1 MiB for the BIOS boot partition, 2434 MiB is too small.
+        let pkgs = "packages: [systemd-sysv, openssh-server, grub-pc-bin]";
+        let tight = format!("{GOOD}boot: {{ bios: true }}\n")
+            .replace("packages: [systemd-sysv, openssh-server]", pkgs)
+            .replace("size: 3GiB", "size: 2434MiB");
+        assert!(
+            err_of(&tight)
+                .message
+                .contains("smaller than its partitions")
+        );
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), "t.yml", &tight.replace("2434MiB", "2435MiB"));
+        load(p.to_str().unwrap(), &ProfileSource::Embedded).unwrap();
     }
 
     #[test]

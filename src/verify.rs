@@ -46,6 +46,9 @@ pub struct FirmwareSearch {
     pub descriptors: Vec<String>,
     /// Known distro locations of OVMF code and variable-store templates.
     pub paths: Vec<FirmwarePair>,
+    /// The same for OVMF with Secure Boot enforced: SMM code and a
+    /// variable store with Microsoft's keys enrolled.
+    pub secure_boot_paths: Vec<FirmwarePair>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -95,11 +98,137 @@ pub struct Firmware {
     pub code: PathBuf,
     pub vars: PathBuf,
     pub source: String,
+    /// Secure Boot firmware: needs SMM and a secure flash.
+    pub secure: bool,
+}
+
+/// How the guest's firmware starts the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BootFirmware {
+    /// OVMF (UEFI), no Secure Boot
+    Uefi,
+    /// OVMF with Secure Boot enforced and Microsoft's keys enrolled
+    SecureBoot,
+    /// SeaBIOS, QEMU's legacy BIOS (the hybrid disk's i386-pc GRUB)
+    Bios,
+}
+
+impl BootFirmware {
+    pub fn name(self) -> &'static str {
+        match self {
+            BootFirmware::Uefi => "uefi",
+            BootFirmware::SecureBoot => "secure-boot",
+            BootFirmware::Bios => "bios",
+        }
+    }
+}
+
+/// The firmware of a VM: OVMF as flash, or QEMU's built-in SeaBIOS.
+#[derive(Debug, Clone)]
+pub enum VmFirmware {
+    Ovmf(Firmware),
+    SeaBios,
+}
+
+impl VmFirmware {
+    pub fn find(
+        def: &VmDef,
+        mode: BootFirmware,
+        given: Option<&str>,
+        cache: &Path,
+    ) -> Result<Self> {
+        Ok(match mode {
+            BootFirmware::Bios => VmFirmware::SeaBios,
+            _ => VmFirmware::Ovmf(find_firmware(def, mode, given, cache)?),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            VmFirmware::Ovmf(fw) => format!(
+                "{} ({}{})",
+                fw.code.display(),
+                fw.source,
+                if fw.secure {
+                    ", Secure Boot enforced"
+                } else {
+                    ""
+                }
+            ),
+            VmFirmware::SeaBios => "SeaBIOS (QEMU's built-in BIOS)".into(),
+        }
+    }
+
+    /// QEMU's machine and firmware arguments, the variables copied to
+    /// `vars`.
+    fn args(&self, machine: &str, vars: &Path) -> Vec<String> {
+        match self {
+            VmFirmware::SeaBios => vec!["-machine".into(), machine.into()],
+            VmFirmware::Ovmf(fw) => {
+                let mut a = vec![
+                    "-machine".into(),
+                    if fw.secure {
+                        format!("{machine},smm=on")
+                    } else {
+                        machine.into()
+                    },
+                ];
+                if fw.secure {
+                    a.extend([
+                        "-global".into(),
+                        "driver=cfi.pflash01,property=secure,value=on".into(),
+                    ]);
+                }
+                a.extend([
+                    "-drive".into(),
+                    format!(
+                        "if=pflash,format=raw,unit=0,readonly=on,file={}",
+                        fw.code.display()
+                    ),
+                    "-drive".into(),
+                    format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
+                ]);
+                a
+            }
+        }
+    }
+
+    /// QEMU arguments that send the firmware's log to `log`, when the
+    /// firmware does not write it to the serial console: SeaBIOS writes to
+    /// the debug port (OVMF writes to the console).
+    fn log_args(&self, log: &Path) -> Vec<String> {
+        match self {
+            VmFirmware::SeaBios => vec![
+                "-chardev".into(),
+                format!("file,id=fwlog,path={}", log.display()),
+                "-device".into(),
+                "isa-debugcon,iobase=0x402,chardev=fwlog".into(),
+            ],
+            VmFirmware::Ovmf(_) => Vec::new(),
+        }
+    }
+
+    /// A fresh copy of the variable store at `vars` (OVMF only).
+    fn fresh_vars(&self, vars: &Path) -> Result<()> {
+        if let VmFirmware::Ovmf(fw) = self {
+            std::fs::copy(&fw.vars, vars)
+                .with_context(|| format!("copying {}", fw.vars.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Find OVMF: `--firmware`, QEMU's firmware descriptors, distro paths, and
-/// as a last resort a verified download (ovmf-prebuilt) into `cache`.
-pub fn find_firmware(def: &VmDef, given: Option<&str>, cache: &Path) -> Result<Firmware> {
+/// as a last resort a verified download (ovmf-prebuilt) into `cache`
+/// (plain UEFI only: it has no Microsoft keys).
+pub fn find_firmware(
+    def: &VmDef,
+    mode: BootFirmware,
+    given: Option<&str>,
+    cache: &Path,
+) -> Result<Firmware> {
+    let secure = mode == BootFirmware::SecureBoot;
     if let Some(spec) = given {
         let (code, vars) = match spec.split_once(',') {
             Some((c, v)) => (PathBuf::from(c), PathBuf::from(v)),
@@ -120,19 +249,36 @@ pub fn find_firmware(def: &VmDef, given: Option<&str>, cache: &Path) -> Result<F
             code,
             vars,
             source: "--firmware".into(),
+            secure,
         });
     }
-    if let Some(fw) = from_descriptors(&def.firmware.descriptors) {
+    if let Some(fw) = from_descriptors(&def.firmware.descriptors, secure) {
         return Ok(fw);
     }
-    for pair in &def.firmware.paths {
+    let paths = if secure {
+        &def.firmware.secure_boot_paths
+    } else {
+        &def.firmware.paths
+    };
+    for pair in paths {
         if Path::new(&pair.code).is_file() && Path::new(&pair.vars).is_file() {
             return Ok(Firmware {
                 code: pair.code.clone().into(),
                 vars: pair.vars.clone().into(),
                 source: "distro path".into(),
+                secure,
             });
         }
+    }
+    if secure {
+        bail!(
+            "no OVMF with Secure Boot and Microsoft's keys found (QEMU's descriptors, then {}): install ovmf, or pass --firmware CODE,VARS",
+            paths
+                .iter()
+                .map(|p| p.vars.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     progress::info("no OVMF firmware installed; downloading a verified prebuilt copy");
     let dir = cache.join("ovmf");
@@ -145,6 +291,7 @@ pub fn find_firmware(def: &VmDef, given: Option<&str>, cache: &Path) -> Result<F
         code: pre.get_file(ovmf_prebuilt::Arch::X64, ovmf_prebuilt::FileType::Code),
         vars: pre.get_file(ovmf_prebuilt::Arch::X64, ovmf_prebuilt::FileType::Vars),
         source: format!("ovmf-prebuilt {}", ovmf_prebuilt::Source::LATEST.tag),
+        secure: false,
     })
 }
 
@@ -190,9 +337,10 @@ struct DescTarget {
     machines: Vec<String>,
 }
 
-/// The first x86_64 UEFI flash firmware for q35 without Secure Boot or SMM
-/// requirements (the image's GRUB is not signed).
-fn from_descriptors(dirs: &[String]) -> Option<Firmware> {
+/// The first x86_64 UEFI flash firmware for q35: with `secure`, one that
+/// enforces Secure Boot with Microsoft's keys enrolled; otherwise one
+/// without Secure Boot or SMM.
+fn from_descriptors(dirs: &[String], secure: bool) -> Option<Firmware> {
     let mut files: Vec<PathBuf> = dirs
         .iter()
         .filter_map(|d| std::fs::read_dir(d).ok())
@@ -214,17 +362,19 @@ fn from_descriptors(dirs: &[String]) -> Option<Firmware> {
                     .iter()
                     .any(|m| crate::scan::target::wildcard_match(m, "pc-q35-9.0"))
         });
-        let blocked = [
-            "secure-boot",
-            "requires-smm",
-            "enrolled-keys",
-            "amd-sev-es",
-            "intel-tdx",
-        ];
+        let has = |f: &str| d.features.iter().any(|x| x == f);
+        let sb = ["secure-boot", "requires-smm", "enrolled-keys"];
+        let fits = if secure {
+            sb.iter().all(|f| has(f))
+        } else {
+            !sb.iter().any(|f| has(f))
+        };
         if !d.interface_types.iter().any(|i| i == "uefi")
             || m.device != "flash"
             || !x86_q35
-            || d.features.iter().any(|f| blocked.contains(&f.as_str()))
+            || !fits
+            || has("amd-sev-es")
+            || has("intel-tdx")
         {
             continue;
         }
@@ -236,6 +386,7 @@ fn from_descriptors(dirs: &[String]) -> Option<Firmware> {
                 code: code.filename.into(),
                 vars: vars.filename.into(),
                 source: format!("descriptor {}", f.display()),
+                secure,
             });
         }
     }
@@ -254,7 +405,7 @@ pub enum Accel {
 /// Decide the accelerator. KVM counts only if it can run the firmware: a
 /// /dev/kvm that exists but cannot run a normal guest (as under some
 /// nested hypervisors) would hang the boot.
-pub fn choose_accel(want: Accel, fw: &Firmware, def: &VmDef, scratch: &Path) -> (Accel, String) {
+pub fn choose_accel(want: Accel, fw: &VmFirmware, def: &VmDef, scratch: &Path) -> (Accel, String) {
     match want {
         Accel::Tcg => (Accel::Tcg, "TCG (requested)".into()),
         Accel::Kvm => (Accel::Kvm, "KVM (requested)".into()),
@@ -277,11 +428,11 @@ pub fn choose_accel(want: Accel, fw: &Firmware, def: &VmDef, scratch: &Path) -> 
 
 /// Start the firmware under KVM and wait for it to write to the serial
 /// port; a working KVM does so within a second or two.
-fn probe_kvm(fw: &Firmware, def: &VmDef, scratch: &Path) -> std::result::Result<(), String> {
+fn probe_kvm(fw: &VmFirmware, def: &VmDef, scratch: &Path) -> std::result::Result<(), String> {
     let vars = scratch.join("probe-vars.fd");
     let serial = scratch.join("probe-serial.log");
     let errlog = scratch.join("probe-stderr.log");
-    std::fs::copy(&fw.vars, &vars).map_err(|e| e.to_string())?;
+    fw.fresh_vars(&vars).map_err(|e| format!("{e:#}"))?;
     let _ = std::fs::remove_file(&serial);
     let run = cmd(
         qemu_binary(),
@@ -292,15 +443,20 @@ fn probe_kvm(fw: &Firmware, def: &VmDef, scratch: &Path) -> std::result::Result<
             "none",
             "-accel",
             "kvm",
+            // The CPU the boot itself asks for: some KVMs start the
+            // default model but cannot set the host's MSRs.
+            "-cpu",
+            "host",
             "-m",
             "256",
         ],
     )
-    .arg("-machine")
-    .arg(&def.machine)
-    .args(pflash(&fw.code, &vars))
-    .arg("-serial")
-    .arg(format!("file:{}", serial.display()))
+    .args(fw.args(&def.machine, &vars))
+    .args(fw.log_args(&serial))
+    .args(match fw {
+        VmFirmware::SeaBios => Vec::new(),
+        VmFirmware::Ovmf(_) => vec!["-serial".into(), format!("file:{}", serial.display())],
+    })
     .spawn(&scratch.join("probe-stdout.log"), &errlog)
     .map_err(|e| format!("{e:#}"))?;
     let deadline = Instant::now() + Duration::from_secs(def.timeouts.kvm_probe);
@@ -331,19 +487,6 @@ fn probe_kvm(fw: &Firmware, def: &VmDef, scratch: &Path) -> std::result::Result<
     result
 }
 
-/// The firmware as two flash drives: code read-only, variables writable.
-fn pflash(code: &Path, vars: &Path) -> [String; 4] {
-    [
-        "-drive".into(),
-        format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            code.display()
-        ),
-        "-drive".into(),
-        format!("if=pflash,format=raw,unit=1,file={}", vars.display()),
-    ]
-}
-
 fn qemu_binary() -> &'static str {
     "qemu-system-x86_64"
 }
@@ -362,6 +505,14 @@ pub struct AgentReport {
     /// no agent.
     #[serde(default)]
     pub bosh_agent_active: Option<bool>,
+    /// `systemd-analyze time`: where the boot's time went (firmware,
+    /// loader, kernel, userspace).
+    #[serde(default)]
+    pub boot_time: Option<String>,
+    /// The slowest units of the boot (`systemd-analyze blame`), slowest
+    /// first, in seconds.
+    #[serde(default)]
+    pub slowest_units: Vec<(String, f64)>,
 }
 
 /// The outcome of a verification.
@@ -371,6 +522,8 @@ pub struct Verdict {
     pub image: PathBuf,
     pub accel: String,
     pub firmware: String,
+    /// How the firmware started the image.
+    pub boot_firmware: BootFirmware,
     /// Seconds from QEMU start to the agent's first word.
     pub boot_seconds: Option<f64>,
     pub total_seconds: f64,
@@ -408,6 +561,7 @@ pub struct VerifyOptions {
     pub timeout: Option<u64>,
     /// The hardware the image boots on, as a cloud presents it.
     pub boot_as: BootAs,
+    pub firmware: BootFirmware,
 }
 
 /// What a VM of the harness runs on: the user's choices.
@@ -439,42 +593,42 @@ impl BootAs {
     /// The QEMU arguments for the disk at `file` (of `format`) and the NIC
     /// on `net0`.
     fn devices(self, file: &Path, format: &str) -> Vec<String> {
-        let drive = |iface: &str| {
-            format!(
-                "file={},format={format},if={iface},cache=unsafe{}",
-                file.display(),
-                if iface == "none" { ",id=disk0" } else { "" }
-            )
+        // The image is the first boot device, whatever else the firmware
+        // finds (the seed is a disk too).
+        let (disk, nic) = match self {
+            BootAs::Kvm => ("virtio-blk-pci,drive=disk0,bootindex=0", "virtio-net-pci"),
+            // OVMF has no pvscsi driver, so the firmware could not load
+            // GRUB from it: the disk sits on a SCSI bus OVMF reads, and a
+            // pvscsi controller is there for the kernel's driver. The
+            // network comes up on vmxnet3.
+            BootAs::Vsphere => ("scsi-hd,drive=disk0,bus=scsi0.0,bootindex=0", "vmxnet3"),
+            BootAs::Aws => (
+                "nvme,drive=disk0,serial=vol0stemforge,bootindex=0",
+                "virtio-net-pci",
+            ),
         };
         let mut a: Vec<String> = Vec::new();
+        if self == BootAs::Vsphere {
+            a.extend(["-device".into(), "virtio-scsi-pci,id=scsi0".into()]);
+        }
+        a.extend([
+            "-drive".into(),
+            format!(
+                "file={},format={format},if=none,id=disk0,cache=unsafe",
+                file.display()
+            ),
+            "-device".into(),
+            disk.into(),
+            "-device".into(),
+            format!("{nic},netdev=net0"),
+        ]);
         match self {
-            BootAs::Kvm => {
-                a.extend(["-drive".into(), drive("virtio")]);
-                a.extend(["-device".into(), "virtio-net-pci,netdev=net0".into()]);
-            }
-            BootAs::Vsphere => {
-                // OVMF has no pvscsi driver, so the firmware could not
-                // load GRUB from it: the disk sits on a SCSI bus OVMF
-                // reads, and a pvscsi controller is there for the
-                // kernel's driver. The network comes up on vmxnet3.
-                a.extend(["-device".into(), "virtio-scsi-pci,id=scsi0".into()]);
-                a.extend(["-drive".into(), drive("none")]);
-                a.extend(["-device".into(), "scsi-hd,drive=disk0,bus=scsi0.0".into()]);
-                a.extend(["-device".into(), "pvscsi,id=pvscsi0".into()]);
-                a.extend(["-device".into(), "vmxnet3,netdev=net0".into()]);
-            }
-            BootAs::Aws => {
-                a.extend(["-drive".into(), drive("none")]);
-                a.extend([
-                    "-device".into(),
-                    "nvme,drive=disk0,serial=vol0stemforge".into(),
-                ]);
-                a.extend(["-device".into(), "virtio-net-pci,netdev=net0".into()]);
-                a.extend([
-                    "-smbios".into(),
-                    "type=1,manufacturer=Amazon EC2,product=m7i.large".into(),
-                ]);
-            }
+            BootAs::Kvm => {}
+            BootAs::Vsphere => a.extend(["-device".into(), "pvscsi,id=pvscsi0".into()]),
+            BootAs::Aws => a.extend([
+                "-smbios".into(),
+                "type=1,manufacturer=Amazon EC2,product=m7i.large".into(),
+            ]),
         }
         a
     }
@@ -486,7 +640,7 @@ impl BootAs {
 pub struct Machine {
     pub scratch: tempfile::TempDir,
     pub def: VmDef,
-    pub fw: Firmware,
+    pub fw: VmFirmware,
     pub accel: Accel,
     pub accel_note: String,
     pub seed: Seed,
@@ -496,7 +650,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn prepare(image: &Path, choice: &VmChoice) -> Result<Machine> {
+    pub fn prepare(image: &Path, choice: &VmChoice, mode: BootFirmware) -> Result<Machine> {
         let def = VmDef::load(choice.vm_def.as_deref())?;
         if exec::which(qemu_binary()).is_none() {
             bail!(
@@ -505,19 +659,18 @@ impl Machine {
             );
         }
         let format = image_format(image)?;
-        let fw = find_firmware(&def, choice.firmware.as_deref(), &choice.cache_dir)?;
+        let fw = VmFirmware::find(&def, mode, choice.firmware.as_deref(), &choice.cache_dir)?;
         let scratch = tempfile::Builder::new()
             .prefix("stemforge-vm-")
             .tempdir()
             .context("creating a scratch directory")?;
         let (accel, accel_note) = choose_accel(choice.accel, &fw, &def, scratch.path());
         progress::info(&format!(
-            "    accelerator: {accel_note}; firmware: {} ({})",
-            fw.code.display(),
-            fw.source
+            "    accelerator: {accel_note}; firmware: {}",
+            fw.describe()
         ));
         let vars = scratch.path().join("vars.fd");
-        std::fs::copy(&fw.vars, &vars).with_context(|| format!("copying {}", fw.vars.display()))?;
+        fw.fresh_vars(&vars)?;
         let seed = Seed::make(scratch.path())?;
         let port = free_port()?;
         Ok(Machine {
@@ -531,6 +684,12 @@ impl Machine {
             format,
             vars,
         })
+    }
+
+    /// Where the firmware's own log goes when it is not the console
+    /// (SeaBIOS writes to QEMU's debug port).
+    pub fn firmware_log(&self) -> PathBuf {
+        self.scratch.path().join("firmware.log")
     }
 
     /// QEMU for `image` on `boot_as` hardware, its console to `console`
@@ -548,11 +707,11 @@ impl Machine {
                 "none",
             ],
         )
-        .args(["-machine", &self.def.machine])
+        .args(self.fw.args(&self.def.machine, &self.vars))
+        .args(self.fw.log_args(&self.firmware_log()))
         .args(["-accel", if kvm { "kvm" } else { "tcg" }])
         .args(["-cpu", if kvm { "host" } else { "max" }])
         .args(["-smp", &self.def.cpus.to_string(), "-m", &self.def.memory])
-        .args(pflash(&self.fw.code, &self.vars))
         .args(boot_as.devices(image, &self.format))
         .arg("-drive")
         .arg(format!(
@@ -574,7 +733,7 @@ impl Machine {
 /// Boot the image and judge it. Writes `<name>.console.log`,
 /// `<name>.scan.json` (the in-guest scan) and `<name>.verify.json`.
 pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
-    let m = Machine::prepare(&o.image, &o.vm)?;
+    let m = Machine::prepare(&o.image, &o.vm, o.firmware)?;
     let (def, fw) = (&m.def, &m.fw);
     let accel_note = m.accel_note.clone();
     let scratch = &m.scratch;
@@ -600,7 +759,8 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
         passed: false,
         image: o.image.clone(),
         accel: accel_note,
-        firmware: format!("{} ({})", fw.code.display(), fw.source),
+        firmware: fw.describe(),
+        boot_firmware: o.firmware,
         boot_seconds: None,
         total_seconds: 0.0,
         host_ssh_banner: None,
@@ -611,7 +771,8 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
         boot_as: o.boot_as,
         ssh_login: None,
     };
-    let outcome = converse(&vm, &sock, &m, t0, boot_limit, &mut verdict);
+    let mut watch = ConsoleWatch::new(&[&console_partial, &m.firmware_log()]);
+    let outcome = converse(&vm, &sock, &m, t0, boot_limit, &mut watch, &mut verdict);
     if let Err(e) = &outcome {
         verdict.problems.push(format!("{e:#}"));
     }
@@ -643,6 +804,14 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
                 .problems
                 .push(format!("last console lines:\n{tail}"));
         }
+        let fw_tail = std::fs::read_to_string(m.firmware_log())
+            .map(|t| exec::tail(&t, 8))
+            .unwrap_or_default();
+        if !fw_tail.trim().is_empty() {
+            verdict
+                .problems
+                .push(format!("last firmware log lines:\n{fw_tail}"));
+        }
     }
     judge(&mut verdict);
     if let Some(a) = &verdict.agent {
@@ -666,6 +835,7 @@ fn converse(
     m: &Machine,
     t0: Instant,
     limit: Duration,
+    watch: &mut ConsoleWatch,
     v: &mut Verdict,
 ) -> Result<()> {
     let deadline = t0 + limit;
@@ -697,6 +867,11 @@ fn converse(
                 "QEMU exited before the agent reported ({})",
                 exec::describe_status(status)
             );
+        }
+        if v.boot_seconds.is_none() {
+            if let Some(why) = watch.fatal() {
+                bail!("{why}");
+            }
         }
         match reader.read_line(&mut line) {
             Ok(0) => std::thread::sleep(Duration::from_millis(200)),
@@ -736,6 +911,106 @@ fn converse(
         .write_all(format!("{ACK}\n").as_bytes())
         .context("acknowledging the agent")?;
     Ok(())
+}
+
+/// Watches the console (and SeaBIOS's debug port log) for what ends a
+/// boot before the guest can report: firmware or bootloader refusing the
+/// next stage, no bootable disk, a kernel panic. Reads only what was
+/// appended since the last look, at most every second.
+pub struct ConsoleWatch {
+    files: Vec<Watched>,
+    last: Option<Instant>,
+}
+
+struct Watched {
+    path: PathBuf,
+    offset: u64,
+    /// The unfinished last line of the previous read.
+    carry: String,
+}
+
+/// Console text that means the boot is over, and what it means.
+const FATAL_CONSOLE: &[(&str, &str)] = &[
+    (
+        "Access Denied",
+        "the firmware refused to start the bootloader (Secure Boot: it is not signed by a key the firmware trusts)",
+    ),
+    (
+        "Security Violation",
+        "shim refused to start the next stage (Secure Boot: its signature is not trusted)",
+    ),
+    (
+        "bad shim signature",
+        "GRUB refused the kernel (Secure Boot: the kernel is not signed by a trusted key)",
+    ),
+    (
+        "No bootable device",
+        "the BIOS found no bootable disk (no BIOS boot code in the MBR)",
+    ),
+    ("Kernel panic - not syncing", "the kernel panicked"),
+];
+
+impl ConsoleWatch {
+    pub fn new(paths: &[&Path]) -> Self {
+        ConsoleWatch {
+            files: paths
+                .iter()
+                .map(|p| Watched {
+                    path: p.to_path_buf(),
+                    offset: 0,
+                    carry: String::new(),
+                })
+                .collect(),
+            last: None,
+        }
+    }
+
+    /// The first fatal line appended since the last call, explained.
+    pub fn fatal(&mut self) -> Option<String> {
+        if self
+            .last
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        self.files.iter_mut().find_map(Watched::fatal)
+    }
+}
+
+impl Watched {
+    fn fatal(&mut self) -> Option<String> {
+        use std::io::Seek;
+        let mut f = std::fs::File::open(&self.path).ok()?;
+        let len = f.metadata().ok()?.len();
+        if len <= self.offset {
+            return None;
+        }
+        // At most 1 MiB a look: the console of a boot is a few hundred KiB.
+        let take = (len - self.offset).min(1 << 20);
+        f.seek(std::io::SeekFrom::Start(self.offset)).ok()?;
+        let mut buf = Vec::with_capacity(take as usize);
+        f.take(take).read_to_end(&mut buf).ok()?;
+        self.offset += buf.len() as u64;
+        let text = std::mem::take(&mut self.carry) + &String::from_utf8_lossy(&buf);
+        let (whole, rest) = match text.rfind('\n') {
+            Some(i) => text.split_at(i + 1),
+            None => ("", text.as_str()),
+        };
+        // A line without an end yet is kept for the next look (its last
+        // 4 KiB at most).
+        let mut cut = rest.len().saturating_sub(4096);
+        while !rest.is_char_boundary(cut) {
+            cut += 1;
+        }
+        self.carry = rest[cut..].to_string();
+        whole.lines().find_map(|l| {
+            FATAL_CONSOLE
+                .iter()
+                .find(|(pat, _)| l.contains(pat))
+                .map(|(_, why)| format!("{why}; the console says: {}", l.trim()))
+        })
+    }
 }
 
 /// One attempt to read the SSH identification string from
@@ -1011,6 +1286,7 @@ fn free_port() -> Result<u16> {
 pub struct BootOptions {
     pub image: PathBuf,
     pub boot_as: BootAs,
+    pub firmware: BootFirmware,
     pub vm: VmChoice,
     /// Where the console log goes.
     pub console: PathBuf,
@@ -1019,7 +1295,9 @@ pub struct BootOptions {
 /// Boot an image for a person: the same VM as verify (changes discarded),
 /// a fresh key, SSH on a free loopback port. Prints the ssh command once
 /// sshd answers; Ctrl-C (or SIGTERM) powers the guest off (over SSH, and
-/// the ACPI power button) and waits for it, then stops QEMU. Returns QEMU's exit description.
+/// the ACPI power button) and waits for it. Returns QEMU's exit
+/// description; an error when the guest did not power off in time (QEMU is
+/// stopped then).
 pub fn boot(o: &BootOptions) -> Result<String> {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1027,7 +1305,7 @@ pub fn boot(o: &BootOptions) -> Result<String> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).context("handling Ctrl-C")?;
     }
-    let m = Machine::prepare(&o.image, &o.vm)?;
+    let m = Machine::prepare(&o.image, &o.vm, o.firmware)?;
     let monitor = m.scratch.path().join("monitor.sock");
     let q = m
         .qemu(&o.image, o.boot_as, &o.console)
@@ -1070,24 +1348,45 @@ pub fn boot(o: &BootOptions) -> Result<String> {
         std::thread::sleep(Duration::from_millis(500));
     }
     // Through SSH with the run's key (a cloud kernel may have no ACPI
-    // power button driver), and the ACPI power button as well.
+    // power button driver), and the ACPI power button as well. A loaded
+    // host can make one SSH attempt fail, so it is repeated until the
+    // guest is gone or the shutdown time is up.
     progress::info("powering the guest off");
-    let _ = m
-        .seed
-        .ssh(m.port, "sudo -n systemctl poweroff")
-        .run_unchecked();
     if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&monitor) {
         let _ = s.write_all(b"system_powerdown\n");
     }
-    let status = vm.wait_timeout(Duration::from_secs(m.def.timeouts.shutdown))?;
+    let deadline = Instant::now() + Duration::from_secs(m.def.timeouts.shutdown);
+    let mut status = None;
+    while status.is_none() && Instant::now() < deadline {
+        match m
+            .seed
+            .ssh(m.port, "sudo -n systemctl poweroff")
+            .timeout(Duration::from_secs(30))
+            .run_unchecked()
+        {
+            // 255: the connection closed under it, as the guest went down.
+            Ok(o) if o.status.success() || o.status.code() == Some(255) => {}
+            Ok(o) => progress::warn(&format!(
+                "powering off over SSH failed ({}): {}",
+                exec::describe_status(o.status),
+                exec::tail(&o.stderr_str(), 2)
+            )),
+            Err(e) => progress::warn(&format!("powering off over SSH failed: {e:#}")),
+        }
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(30));
+        status = vm.wait_timeout(wait)?;
+    }
     vm.kill();
-    Ok(match status {
-        Some(s) => exec::describe_status(s),
-        None => format!(
-            "the guest did not power off within {} s; QEMU was stopped",
-            m.def.timeouts.shutdown
+    match status {
+        Some(s) => Ok(exec::describe_status(s)),
+        None => bail!(
+            "the guest did not power off within {} s; QEMU was stopped (see {})",
+            m.def.timeouts.shutdown,
+            o.console.display()
         ),
-    })
+    }
 }
 
 // ---- the guest side --------------------------------------------------------
@@ -1120,6 +1419,33 @@ pub fn agent_files() -> Vec<AgentFile> {
             ),
         ),
     ]
+}
+
+/// The first `n` lines of `systemd-analyze blame` (`1min 2.345s unit`,
+/// `812ms unit`) as (unit, seconds).
+fn parse_blame(text: &str, n: usize) -> Vec<(String, f64)> {
+    text.lines()
+        .filter_map(|l| {
+            let (time, unit) = l.trim().rsplit_once(' ')?;
+            let mut secs = 0.0;
+            for part in time.split_whitespace() {
+                let (num, scale) = if let Some(v) = part.strip_suffix("ms") {
+                    (v, 0.001)
+                } else if let Some(v) = part.strip_suffix("us") {
+                    (v, 0.000_001)
+                } else if let Some(v) = part.strip_suffix("min") {
+                    (v, 60.0)
+                } else if let Some(v) = part.strip_suffix('s') {
+                    (v, 1.0)
+                } else {
+                    return None;
+                };
+                secs += num.parse::<f64>().ok()? * scale;
+            }
+            Some((unit.to_string(), secs))
+        })
+        .take(n)
+        .collect()
 }
 
 /// The device of the results port, if the harness provided one.
@@ -1220,6 +1546,14 @@ pub fn run_agent() -> Result<()> {
                 .run_unchecked()
                 .is_ok_and(|o| o.status.success())
             }),
+        boot_time: cmd("systemd-analyze", ["time", "--no-pager"])
+            .read()
+            .ok()
+            .and_then(|t| t.lines().next().map(|l| l.trim().to_string())),
+        slowest_units: cmd("systemd-analyze", ["blame", "--no-pager"])
+            .read()
+            .map(|t| parse_blame(&t, 10))
+            .unwrap_or_default(),
     };
     println!(
         "stemforge agent: scan {} pass, {} fail; reporting",
@@ -1258,7 +1592,7 @@ mod tests {
     }
 
     #[test]
-    fn descriptors_skip_secure_boot_and_pick_plain_uefi() {
+    fn descriptors_pick_plain_uefi_or_enforced_secure_boot_as_asked() {
         let dir = tempfile::tempdir().unwrap();
         let code = dir.path().join("CODE.fd");
         let vars = dir.path().join("VARS.fd");
@@ -1271,17 +1605,144 @@ mod tests {
                 vars.display()
             )
         };
+        let dirs = [dir.path().display().to_string()];
+        // Secure Boot without enrolled keys is neither.
         std::fs::write(
             dir.path().join("40-sb.json"),
             desc(r#""secure-boot","requires-smm""#),
         )
         .unwrap();
-        let only_sb = from_descriptors(&[dir.path().display().to_string()]);
-        assert!(only_sb.is_none());
+        assert!(from_descriptors(&dirs, false).is_none());
+        assert!(from_descriptors(&dirs, true).is_none());
+        std::fs::write(
+            dir.path().join("30-ms.json"),
+            desc(r#""enrolled-keys","secure-boot","requires-smm""#),
+        )
+        .unwrap();
         std::fs::write(dir.path().join("60-plain.json"), desc(r#""acpi-s3""#)).unwrap();
-        let fw = from_descriptors(&[dir.path().display().to_string()]).unwrap();
+        let fw = from_descriptors(&dirs, false).unwrap();
         assert_eq!(fw.code, code);
-        assert!(fw.source.contains("60-plain.json"));
+        assert!(fw.source.contains("60-plain.json") && !fw.secure);
+        let sb = from_descriptors(&dirs, true).unwrap();
+        assert!(sb.source.contains("30-ms.json") && sb.secure);
+    }
+
+    #[test]
+    fn secure_boot_firmware_runs_with_smm_and_a_secure_flash() {
+        let fw = Firmware {
+            code: "/c.fd".into(),
+            vars: "/v.fd".into(),
+            source: "t".into(),
+            secure: true,
+        };
+        let a = VmFirmware::Ovmf(fw)
+            .args("q35", Path::new("/w/vars.fd"))
+            .join(" ");
+        assert!(
+            a.starts_with(
+                "-machine q35,smm=on -global driver=cfi.pflash01,property=secure,value=on"
+            ),
+            "{a}"
+        );
+        assert!(
+            a.contains("unit=0,readonly=on,file=/c.fd") && a.contains("unit=1,file=/w/vars.fd"),
+            "{a}"
+        );
+        let bios = VmFirmware::SeaBios
+            .args("q35", Path::new("/w/vars.fd"))
+            .join(" ");
+        assert_eq!(bios, "-machine q35");
+    }
+
+    #[test]
+    fn the_console_watch_sees_a_refusal_split_across_reads_once() {
+        use std::io::Write as _;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let mut w = ConsoleWatch::new(&[&p]);
+        assert_eq!(w.fatal(), None, "no file content yet");
+        f.write_all(b"BdsDxe: loading Boot0001\r\nBdsDxe: failed to load Boot0001 \"UEFI QEMU HARDDISK\": Acc")
+            .unwrap();
+        w.last = None;
+        assert_eq!(w.fatal(), None, "half a line is not judged");
+        f.write_all(b"ess Denied\r\n").unwrap();
+        w.last = None;
+        let why = w.fatal().unwrap();
+        assert!(
+            why.starts_with("the firmware refused to start the bootloader"),
+            "{why}"
+        );
+        assert!(why.contains("Boot0001"), "{why}");
+        w.last = None;
+        assert_eq!(w.fatal(), None, "read once");
+        f.write_all(b"[    1.0] Linux version 6.1\nsystemd[1]: Started\n")
+            .unwrap();
+        w.last = None;
+        assert_eq!(w.fatal(), None, "a normal boot is not fatal");
+    }
+
+    #[test]
+    fn each_cloud_boots_the_image_first_on_its_own_bus_and_nic() {
+        for (b, disk, nic) in [
+            (BootAs::Kvm, "virtio-blk-pci", "virtio-net-pci"),
+            (BootAs::Vsphere, "scsi-hd", "vmxnet3"),
+            (BootAs::Aws, "nvme", "virtio-net-pci"),
+        ] {
+            let a = b.devices(Path::new("/i/disk.raw"), "raw");
+            let devs: Vec<&String> = a
+                .iter()
+                .zip(a.iter().skip(1))
+                .filter(|(k, _)| *k == "-device")
+                .map(|(_, v)| v)
+                .collect();
+            assert!(
+                devs.iter().any(|d| d.starts_with(disk)
+                    && d.contains("drive=disk0")
+                    && d.contains("bootindex=0")),
+                "{b:?}: {a:?}"
+            );
+            assert!(
+                devs.iter()
+                    .any(|d| d.starts_with(&format!("{nic},netdev=net0"))),
+                "{a:?}"
+            );
+            assert!(
+                a.iter()
+                    .any(|x| x.starts_with("file=/i/disk.raw,format=raw,if=none,id=disk0"))
+            );
+        }
+        let aws = BootAs::Aws.devices(Path::new("/d"), "raw").join(" ");
+        assert!(aws.contains("manufacturer=Amazon EC2"), "{aws}");
+        let vs = BootAs::Vsphere.devices(Path::new("/d"), "vmdk").join(" ");
+        assert!(
+            vs.contains("pvscsi") && vs.contains("virtio-scsi-pci,id=scsi0"),
+            "{vs}"
+        );
+    }
+
+    #[test]
+    fn blame_lines_become_seconds() {
+        let t = "1min 2.500s cloud-init.service\n     812ms ssh.service\n 40us x.mount\nnonsense\n";
+        let b = parse_blame(t, 10);
+        assert_eq!(b.len(), 3, "{b:?}");
+        assert_eq!(b[0].0, "cloud-init.service");
+        assert!((b[0].1 - 62.5).abs() < 1e-9);
+        assert!((b[1].1 - 0.812).abs() < 1e-9);
+        assert_eq!(parse_blame(t, 1).len(), 1);
+    }
+
+    #[test]
+    fn no_secure_boot_firmware_is_a_clear_error() {
+        let mut def = VmDef::load(None).unwrap();
+        def.firmware.descriptors.clear();
+        def.firmware.secure_boot_paths = vec![FirmwarePair {
+            code: "/nonexistent/CODE.secboot.fd".into(),
+            vars: "/nonexistent/VARS.ms.fd".into(),
+        }];
+        let e = find_firmware(&def, BootFirmware::SecureBoot, None, Path::new("/tmp")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/VARS.ms.fd"), "{e}");
+        assert!(e.to_string().contains("install ovmf"), "{e}");
     }
 
     #[test]
@@ -1289,6 +1750,7 @@ mod tests {
         let def = VmDef::load(None).unwrap();
         let e = find_firmware(
             &def,
+            BootFirmware::Uefi,
             Some("/nonexistent/CODE.fd,/nonexistent/VARS.fd"),
             Path::new("/tmp"),
         )
@@ -1348,12 +1810,15 @@ mod tests {
             uptime_seconds: 50.0,
             scan: report,
             bosh_agent_active: None,
+            boot_time: None,
+            slowest_units: vec![],
         };
         let mut v = Verdict {
             passed: false,
             image: "x".into(),
             accel: String::new(),
             firmware: String::new(),
+            boot_firmware: BootFirmware::Uefi,
             boot_seconds: Some(50.0),
             total_seconds: 60.0,
             host_ssh_banner: Some("SSH-2.0-OpenSSH_9.2p1".into()),

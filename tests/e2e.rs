@@ -222,8 +222,45 @@ fn the_disk_reads_back_as_planned() {
     .unwrap();
     let disk = gpt::GptConfig::new().writable(false).open(&b.raw).unwrap();
     let parts: Vec<&gpt::partition::Partition> = disk.partitions().values().collect();
-    assert_eq!(parts.len(), profile.disk.partitions.len());
+    // The profile's partitions, then the hybrid disk's BIOS boot partition.
+    assert!(profile.boot.bios && profile.boot.secure_boot);
+    assert_eq!(parts.len(), profile.disk.partitions.len() + 1);
     assert_eq!(std::fs::metadata(&b.raw).unwrap().len(), profile.disk.size);
+    let bios = parts.last().unwrap();
+    assert_eq!(
+        bios.part_type_guid.guid.to_string().to_uppercase(),
+        stemforge::disk::types::BIOS_BOOT
+    );
+    assert_eq!(
+        (bios.first_lba, bios.last_lba),
+        (2048, 4095),
+        "first, 1 MiB"
+    );
+    {
+        // GRUB's boot code in the MBR points at core.img, whose block
+        // list points at the rest of it; the protective MBR stays.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::open(&b.raw).unwrap();
+        let mut mbr = [0u8; 512];
+        f.read_exact_at(&mut mbr, 0).unwrap();
+        assert_eq!(&mbr[510..], &[0x55, 0xaa]);
+        assert_eq!(mbr[0x1be + 4], 0xee, "protective GPT entry kept");
+        assert_eq!(
+            u64::from_le_bytes(mbr[0x5c..0x64].try_into().unwrap()),
+            2048
+        );
+        assert!(
+            mbr[..0x1b8].windows(4).any(|w| w == b"GRUB"),
+            "boot.img code"
+        );
+        let mut core = [0u8; 512];
+        f.read_exact_at(&mut core, 2048 * 512).unwrap();
+        let start = u64::from_le_bytes(core[500..508].try_into().unwrap());
+        let len = u16::from_le_bytes(core[508..510].try_into().unwrap());
+        assert_eq!(start, 2049);
+        assert!(len > 20 && (len as u64) < 2047, "{len} sectors");
+        assert_eq!(&core[488..500], &[0u8; 12], "list terminator");
+    }
     let types = [
         stemforge::disk::types::ESP,
         stemforge::disk::types::ROOT_X86_64,
@@ -267,7 +304,17 @@ fn the_disk_reads_back_as_planned() {
                 .unwrap();
             let t = String::from_utf8_lossy(&o.stdout);
             assert!(o.status.success(), "fsck.fat: {t}");
-            assert!(t.contains("/EFI/BOOT/BOOTX64.EFI"), "{t}");
+            // Secure Boot: the signed shim, the signed GRUB beside it,
+            // and the early configuration where that GRUB looks.
+            for file in [
+                "/EFI/BOOT/BOOTX64.EFI",
+                "/EFI/BOOT/GRUBX64.EFI",
+                "/EFI/BOOT/MMX64.EFI",
+                "/EFI/BOOT/GRUB.CFG",
+                "/EFI/DEBIAN/GRUB.CFG",
+            ] {
+                assert!(t.to_uppercase().contains(file), "{file} in {t}");
+            }
             continue;
         }
         let o = Command::new("dumpe2fs")
@@ -455,9 +502,27 @@ fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     stemforge::fsutil::mounts_under(dir).unwrap()
 }
 
+/// Start `stemforge ARGS` and SIGKILL it as soon as `now` holds (polled
+/// every 20 ms, for at most 10 minutes).
+fn kill_build_when(args: &[&str], what: &str, now: impl Fn() -> bool) {
+    let mut child = Command::new(bin()).args(args).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !now() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the build ended before {what}"
+        );
+        assert!(Instant::now() < deadline, "not {what} within 10 minutes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    child.wait().unwrap();
+}
+
 #[test]
 #[ignore = "needs root and the Debian archive (make test runs it as root)"]
-fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
+fn sigkill_in_the_chroot_phase_or_while_packaging_leaves_nothing_half_done() {
     require_root();
     let _ = shared_build();
     let _g = heavy();
@@ -469,26 +534,15 @@ fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
         "--no-verify",
         "--format",
         "raw",
+        "--image-version",
+        "1.0",
         "--out",
         out.to_str().unwrap(),
     ];
-    let mut child = Command::new(bin()).args(args).spawn().unwrap();
     let work = out.join(".work");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        if !chrooted_into(&work).is_empty() {
-            break;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the build ended before its chroot phase"
-        );
-        assert!(Instant::now() < deadline, "no chroot within 10 minutes");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    child.wait().unwrap();
+    kill_build_when(&args, "its chroot phase", || {
+        !chrooted_into(&work).is_empty()
+    });
     assert!(
         mounts_under(&out).is_empty(),
         "mounts left: {:?}",
@@ -504,9 +558,68 @@ fn sigkill_in_the_chroot_phase_leaves_no_mount_and_the_next_build_succeeds() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The next build makes every output and is killed while it packages
+    // them (a stemcell is being written).
+    let all = [
+        "build",
+        "--profile",
+        "debian-bookworm",
+        "--no-verify",
+        "--format",
+        "all",
+        "--image-version",
+        "1.0",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let packaging = || {
+        std::fs::read_dir(&out).unwrap().flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with(".bosh-stemcell-") && n.ends_with(".partial")
+        })
+    };
+    kill_build_when(&all, "it packaged a stemcell", packaging);
+    // Every output under its final name is whole; the set's seal (the
+    // manifest and SHA256SUMS, made last) is not there.
+    let mut whole = Vec::new();
+    for e in std::fs::read_dir(&out).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        if name.starts_with('.') || name.ends_with(".log") {
+            continue;
+        }
+        assert!(
+            !name.ends_with("SHA256SUMS") && !name.ends_with(".manifest.json"),
+            "{name} exists after a killed build"
+        );
+        let ok = |c: &mut Command| c.output().unwrap().status.success();
+        let good = match path.extension().and_then(|x| x.to_str()).unwrap_or("") {
+            "tgz" => ok(Command::new("gzip").arg("-t").arg(&path)),
+            "qcow2" => ok(Command::new("qemu-img").args(["check", "-q"]).arg(&path)),
+            "vmdk" => ok(Command::new("qemu-img")
+                .args(["info", "-f", "vmdk"])
+                .arg(&path)),
+            "ova" => tar_members(&path, false).len() == 3,
+            "json" => serde_json::from_slice::<Value>(&std::fs::read(&path).unwrap()).is_ok(),
+            "raw" => std::fs::metadata(&path).unwrap().len() == 5 << 30,
+            _ => std::fs::metadata(&path).unwrap().len() > 0,
+        };
+        assert!(good, "{name} is under its final name but not whole");
+        whole.push(name);
+    }
+    assert!(whole.iter().any(|n| n.ends_with(".raw")), "{whole:?}");
+    // A third build (of the same version) clears what the killed one left
+    // half-written and succeeds.
     let o = Command::new(bin()).args(args).output().unwrap();
     assert!(o.status.success(), "the next build failed:\n{}", text(&o));
     assert!(out.join("debian-bookworm.raw").exists());
+    let left: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(left.is_empty(), "partial outputs left: {left:?}");
     assert!(mounts_under(&out).is_empty());
     done_with(&out);
 }
@@ -527,9 +640,13 @@ fn the_built_image_boots_and_passes_every_control_live() {
     let b = shared_build();
     let _g = heavy();
     let out = scratch("verify");
+    // Through the signed shim, GRUB and kernel, with OVMF enforcing
+    // Secure Boot with Microsoft's keys.
     let o = stemforge([
         "verify",
         b.raw.to_str().unwrap(),
+        "--boot-firmware",
+        "secure-boot",
         "--out",
         out.to_str().unwrap(),
         "--json",
@@ -538,6 +655,20 @@ fn the_built_image_boots_and_passes_every_control_live() {
     assert_eq!(o.status.code(), Some(0), "{t}");
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["passed"], true, "{t}");
+    assert_eq!(v["boot_firmware"], "secure-boot");
+    assert!(
+        v["firmware"]
+            .as_str()
+            .unwrap()
+            .contains("Secure Boot enforced"),
+        "{}",
+        v["firmware"]
+    );
+    let console = std::fs::read_to_string(out.join("debian-bookworm.console.log")).unwrap();
+    assert!(
+        console.contains("Secure boot enabled"),
+        "the kernel saw Secure Boot on"
+    );
     let agent = &v["agent"];
     assert_eq!(agent["system_state"], "running");
     assert_eq!(agent["failed_units"].as_array().unwrap().len(), 0);
@@ -603,6 +734,108 @@ fn the_built_image_boots_and_passes_every_control_live() {
     );
     assert!(qemu_running(b.raw.to_str().unwrap()).is_empty());
     done_with(&out);
+}
+
+/// `efi` without its Authenticode signature: the PE certificate table
+/// entry cleared and the table cut off (the same loader, unsigned).
+fn strip_signature(efi: &mut Vec<u8>) {
+    let pe = u32::from_le_bytes(efi[0x3c..0x40].try_into().unwrap()) as usize;
+    assert_eq!(&efi[pe..pe + 4], b"PE\0\0");
+    let opt = pe + 24;
+    assert_eq!(u16::from_le_bytes([efi[opt], efi[opt + 1]]), 0x20b, "PE32+");
+    let dir = opt + 112 + 4 * 8;
+    let at = u32::from_le_bytes(efi[dir..dir + 4].try_into().unwrap()) as usize;
+    assert!(at > 0 && at < efi.len(), "the loader is signed");
+    efi[dir..dir + 8].fill(0);
+    efi.truncate(at);
+}
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn secure_boot_refuses_the_image_when_its_loader_is_unsigned() {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::FileExt;
+    require_root();
+    let b = shared_build();
+    let _g = heavy();
+    let d = scratch("unsigned");
+    let raw = d.join("unsigned.raw");
+    let o = Command::new("cp")
+        .arg("--sparse=always")
+        .arg(&b.raw)
+        .arg(&raw)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // The ESP, in memory: BOOTX64.EFI (the signed shim) loses its signature.
+    let disk = gpt::GptConfig::new().writable(false).open(&raw).unwrap();
+    let esp = disk
+        .partitions()
+        .values()
+        .find(|p| p.part_type_guid.guid.to_string().to_uppercase() == stemforge::disk::types::ESP)
+        .unwrap()
+        .clone();
+    let (offset, len) = (
+        esp.first_lba * 512,
+        esp.bytes_len(gpt::disk::LogicalBlockSize::Lb512).unwrap(),
+    );
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&raw)
+        .unwrap();
+    let mut bytes = vec![0u8; len as usize];
+    f.read_exact_at(&mut bytes, offset).unwrap();
+    let mut cur = std::io::Cursor::new(bytes);
+    {
+        let fs = fatfs::FileSystem::new(&mut cur, fatfs::FsOptions::new()).unwrap();
+        let mut file = fs.root_dir().open_file("EFI/BOOT/BOOTX64.EFI").unwrap();
+        let mut efi = Vec::new();
+        file.read_to_end(&mut efi).unwrap();
+        assert!(
+            efi.windows(4).any(|w| w == b"shim"),
+            "BOOTX64.EFI is the shim"
+        );
+        strip_signature(&mut efi);
+        file.seek(std::io::SeekFrom::Start(0)).unwrap();
+        file.truncate().unwrap();
+        file.write_all(&efi).unwrap();
+        file.flush().unwrap();
+        drop(file);
+        fs.unmount().unwrap();
+    }
+    f.write_all_at(cur.get_ref(), offset).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    // OVMF enforcing Secure Boot refuses it, and verify says so at once
+    // instead of waiting out its boot time.
+    let t0 = Instant::now();
+    let o = stemforge([
+        "verify",
+        raw.to_str().unwrap(),
+        "--boot-firmware",
+        "secure-boot",
+        "--out",
+        d.to_str().unwrap(),
+        "--json",
+    ]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["passed"], false);
+    let problems = v["problems"].to_string();
+    assert!(
+        problems.contains("the firmware refused to start the bootloader")
+            && problems.contains("Access Denied"),
+        "{problems}"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(200),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(qemu_running(raw.to_str().unwrap()).is_empty());
+    done_with(&d);
 }
 
 #[test]
@@ -948,7 +1181,7 @@ fn every_output_passes_the_validator_its_consumers_use() {
     let aws_text = aws.to_string();
     for needle in [
         "x86_64",
-        "uefi",
+        "uefi-preferred",
         "ena",
         "/dev/xvda",
         "v2.0",
@@ -1062,7 +1295,7 @@ fn every_output_passes_the_validator_its_consumers_use() {
 
 #[test]
 #[ignore = "needs root and the Debian archive (make test runs it as root)"]
-fn boot_prints_an_ssh_command_that_logs_in_and_ctrl_c_powers_off() {
+fn boot_through_bios_prints_an_ssh_command_that_logs_in_and_ctrl_c_powers_off() {
     use std::io::BufRead;
     require_root();
     let b = shared_build();
@@ -1079,8 +1312,16 @@ fn boot_prints_an_ssh_command_that_logs_in_and_ctrl_c_powers_off() {
         }
     }
     let mut child = Killed(
+        // The hybrid disk's BIOS path, on AWS's NVMe hardware.
         Command::new(bin())
-            .args(["boot", "--console"])
+            .args([
+                "boot",
+                "--boot-as",
+                "aws",
+                "--boot-firmware",
+                "bios",
+                "--console",
+            ])
             .arg(&console)
             .arg(&b.raw)
             .stdout(std::process::Stdio::piped())
@@ -1125,17 +1366,33 @@ fn boot_prints_an_ssh_command_that_logs_in_and_ctrl_c_powers_off() {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
     let status = child.0.wait().unwrap();
-    assert!(status.success(), "{status:?}");
+    let log = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
+    let tail: String = log
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    // boot exits 0 only when the guest powered itself off.
+    assert!(
+        status.success(),
+        "{status:?} after {:?}; console:\n{tail}",
+        t0.elapsed()
+    );
     assert!(
         t0.elapsed() < Duration::from_secs(130),
         "{:?}",
         t0.elapsed()
     );
     assert!(qemu_running(b.raw.to_str().unwrap()).is_empty());
-    let log = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
     assert!(
         log.contains("reboot: Power down"),
-        "no clean power-off on the console"
+        "no clean power-off on the console:\n{tail}"
     );
+    // Booted by the BIOS: the kernel found no EFI system table.
+    assert!(log.contains("Linux version") && !log.contains("efi: EFI v"));
     done_with(&d);
 }

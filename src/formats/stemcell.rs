@@ -25,7 +25,14 @@ pub fn spec(job: &Job, iaas: Iaas) -> StemcellSpec {
         distro: os.distro.clone(),
         distro_version: os.version.clone(),
         disk_mib: job.profile.disk.size >> 20,
-        boot_mode: "uefi".into(),
+        // A hybrid disk boots either way: AWS picks UEFI where the
+        // instance type has it, legacy BIOS elsewhere.
+        boot_mode: if job.profile.boot.bios {
+            "uefi-preferred"
+        } else {
+            "uefi"
+        }
+        .into(),
         agent: job.bosh_agent.map(str::to_string),
         epoch: job.epoch,
     }

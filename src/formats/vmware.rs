@@ -61,6 +61,8 @@ pub struct VmSpec {
     pub os_description: String,
     pub product: String,
     pub version: String,
+    /// The UEFI path is signed (shim): vSphere may enforce Secure Boot.
+    pub secure_boot: bool,
 }
 
 impl VmSpec {
@@ -89,6 +91,7 @@ impl VmSpec {
             os_description: format!("{pretty} {version} (64-bit)"),
             product: name.to_string(),
             version: image_version.to_string(),
+            secure_boot: false,
         }
     }
 }
@@ -652,8 +655,12 @@ fn virtual_hardware(w: &mut Writer<Vec<u8>>, spec: &VmSpec) -> std::io::Result<(
         item.write(w)?;
     }
     vmw_config(w, "firmware", "efi")?;
-    // The boot loader is not signed for Secure Boot.
-    vmw_config(w, "bootOptions.efiSecureBootEnabled", "false")
+    // On when the UEFI path starts with the distribution's signed shim.
+    vmw_config(
+        w,
+        "bootOptions.efiSecureBootEnabled",
+        if spec.secure_boot { "true" } else { "false" },
+    )
 }
 
 fn virtual_system(w: &mut Writer<Vec<u8>>, spec: &VmSpec) -> std::io::Result<()> {
@@ -911,7 +918,8 @@ impl Producer for Ova {
         let disk = input(inputs, Format::Vmdk, ".vmdk")?;
         let info = check_vmdk(&disk.path)?;
         let os = &job.profile.os;
-        let spec = VmSpec::for_os(job.name, &os.distro, &os.version, job.version);
+        let mut spec = VmSpec::for_os(job.name, &os.distro, &os.version, job.version);
+        spec.secure_boot = job.profile.boot.secure_boot;
         let ovf = job.named(Format::Ova, "ovf");
         fsutil::write_atomic(&ovf, &ovf_xml(&spec, &disk.file_name(), &info)?)?;
         let out = job.named(Format::Ova, "ova");
