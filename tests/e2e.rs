@@ -664,7 +664,9 @@ fn the_built_image_boots_and_passes_every_control_live() {
         "{}",
         v["firmware"]
     );
-    let console = std::fs::read_to_string(out.join("debian-bookworm.console.log")).unwrap();
+    let console =
+        String::from_utf8_lossy(&std::fs::read(out.join("debian-bookworm.console.log")).unwrap())
+            .into_owned();
     assert!(
         console.contains("Secure boot enabled"),
         "the kernel saw Secure Boot on"
