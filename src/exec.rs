@@ -34,7 +34,7 @@ fn tail_block(tail: &str) -> String {
 }
 
 /// What a finished command produced.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Output {
     pub status: ExitStatus,
     pub stdout: Vec<u8>,

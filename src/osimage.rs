@@ -72,8 +72,12 @@ pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
     for stage in stages {
         progress::activity(&format!("stage {}", stage.dir_name));
         progress::detail(&format!("applying stage {}", stage.dir_name));
-        let users = Users::load(&Target::root(&root)?).context("reading the tree's users")?;
-        apply_one(chroot, stage, &users, &mut applied)
+        let loaded = Users::load(&Target::root(&root)?);
+        let users = loaded
+            .as_ref()
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("reading the tree's users: {e}"))?;
+        apply_one(chroot, stage, users, &mut applied)
             .with_context(|| format!("stage {} ({})", stage.dir_name, stage.source.display()))?;
         applied.stages.push(stage.dir_name.clone());
     }

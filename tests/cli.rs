@@ -322,3 +322,132 @@ fn unknown_formats_and_bad_versions_exit_2_before_any_work() {
         assert!(plan.contains(f), "{f} not in the plan:\n{plan}");
     }
 }
+
+/// A tree built to trip a scanner: a FIFO where sshd's configuration
+/// belongs, a 4 GiB sparse sysctl.conf, a symlink loop, a symlink that
+/// climbs out of the root towards a file on the host, a socket, a deep
+/// directory chain. The scan finishes in seconds within a small memory
+/// bound, reads nothing outside the root, and calls what it could not
+/// read an error, never a pass.
+#[test]
+fn a_hostile_tree_is_scanned_in_bounded_time_and_memory_without_false_passes() {
+    use std::os::unix::fs::symlink;
+    let d = tempfile::tempdir().unwrap();
+    let r = d.path().join("root");
+    for dir in ["etc/ssh", "etc/sysctl.d", "usr/lib", "var/log"] {
+        std::fs::create_dir_all(r.join(dir)).unwrap();
+    }
+    std::fs::write(
+        r.join("etc/os-release"),
+        "ID=debian\nVERSION_CODENAME=bookworm\nVERSION_ID=\"12\"\n",
+    )
+    .unwrap();
+    std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(r.join("etc/group"), "root:x:0:\n").unwrap();
+    let fifo = r.join("etc/ssh/sshd_config");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::fs::File::create(r.join("etc/sysctl.conf"))
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    symlink("login.defs.b", r.join("etc/login.defs")).unwrap();
+    symlink("login.defs", r.join("etc/login.defs.b")).unwrap();
+    // Outside the root, next to it: what an escaping link would reach.
+    let secret = "outside-the-root-4c1f9e";
+    std::fs::write(d.path().join("issue.net"), secret).unwrap();
+    symlink("../../../../../../../../issue.net", r.join("etc/issue.net")).unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(r.join("etc/hosts.allow")).unwrap();
+    let mut deep = r.join("var/log");
+    for i in 0..300 {
+        deep = deep.join(format!("d{i}"));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+
+    let report = d.path().join("r.json");
+    let t0 = std::time::Instant::now();
+    let log = std::fs::File::create(d.path().join("scan.log")).unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["scan", "--root"])
+        .arg(&r)
+        .args(["--format", "json", "--output"])
+        .arg(&report)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    // A scan that blocks on the FIFO never ends: stop it and fail.
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the scan hung on the hostile tree");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let log = std::fs::read_to_string(d.path().join("scan.log")).unwrap();
+    // SAFETY: getrusage writes into the struct it is given.
+    let peak_kib = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru);
+        ru.ru_maxrss
+    };
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(secs < 20.0, "{secs} s");
+    assert!(peak_kib < 256 * 1024, "peak {peak_kib} KiB");
+    let raw = std::fs::read_to_string(&report).unwrap();
+    assert!(!raw.contains(secret), "read outside the root");
+    let v: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    let status = |id: &str| {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("{id} not in the report"))["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Every sshd control looks at the FIFO: none may pass, and the ones
+    // that read its settings say they could not.
+    let sshd: Vec<(String, String)> = v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["id"].as_str().unwrap().starts_with("sshd-"))
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(sshd.len() > 5, "{sshd:?}");
+    for (id, st) in &sshd {
+        assert_ne!(st, "pass", "{id}");
+    }
+    assert_eq!(status("sshd-no-root-login"), "error");
+    let evidence = v.to_string();
+    assert!(evidence.contains("is a FIFO"), "the reason is given");
+    assert_eq!(
+        status("banner-issue-net"),
+        "fail",
+        "the escape found nothing inside"
+    );
+    for r in v["results"].as_array().unwrap() {
+        let ev = r["evidence"].to_string();
+        if ev.contains("sysctl.conf") {
+            assert_ne!(r["status"], "pass", "{r}");
+        }
+    }
+}

@@ -20,7 +20,6 @@ use chrono::{DateTime, Utc};
 use deb822_fast::borrowed::{BorrowedParagraph, iter_paragraphs_borrowed};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::Read;
 use std::path::Path;
 use std::sync::LazyLock;
 
@@ -246,25 +245,13 @@ fn read_index(target: &Target, path: &str) -> Result<String> {
 /// resolved within it) and whether there was more; `None` when it does not
 /// exist or is no regular file.
 fn read_capped(target: &Target, path: &str, cap: u64) -> Result<Option<(String, bool)>> {
-    let host = match target.resolve(path) {
-        Ok(h) => h,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("resolving {path}")),
-    };
-    match std::fs::metadata(&host) {
-        Ok(md) if md.is_file() => {}
-        Ok(_) => return Ok(None),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("stat {}", host.display())),
+    match target.read_head(path, cap) {
+        Ok((bytes, more)) => Ok(Some((String::from_utf8_lossy(&bytes).into_owned(), more))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        // Not a regular file (a symlink to a directory, say): no licence.
+        Err(e) if e.to_string().contains("not a regular file") => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {path}")),
     }
-    let file = std::fs::File::open(&host).with_context(|| format!("opening {}", host.display()))?;
-    let mut bytes = Vec::new();
-    file.take(cap + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("reading {}", host.display()))?;
-    let more = bytes.len() as u64 > cap;
-    bytes.truncate(cap as usize);
-    Ok(Some((String::from_utf8_lossy(&bytes).into_owned(), more)))
 }
 
 /// The licences of the copyright file in the package's doc directory.

@@ -1,28 +1,82 @@
 //! A control's check: one kind, or `all`/`any` of several.
+//!
+//! Kinds register themselves: a kind is one file under `kinds/` that
+//! implements its checks' `validate`, `describe` and `eval` and ends with
+//! `register_kind!("name", Type)`. Nothing here names them.
 
-use super::kinds::{
-    accounts::AccountsCheck, audit::AuditRuleCheck, file::FileCheck, fswalk::FsWalkCheck,
-    kmod::KernelModuleCheck, kv::KvCheck, mount::MountCheck, package::PackageCheck,
-    service::ServiceCheck, sshd::SshdCheck, sysctl::SysctlCheck,
-};
 use super::outcome::{Outcome, Status};
 use super::target::Target;
 use serde::Deserialize;
+use serde::de::{self, MapAccess, Visitor};
+use std::sync::{Arc, OnceLock};
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// What every check kind does.
+pub trait CheckKind: std::fmt::Debug + Send + Sync {
+    /// Problems a loader reports (bad regex, relative path, empty test).
+    fn validate(&self) -> Result<(), String>;
+    /// What the check tests, in one line.
+    fn describe(&self) -> String;
+    /// The outcome on `t`, with the evidence that decided it.
+    fn eval(&self, t: &Target) -> Outcome;
+}
+
+/// A kind in the registry: its name in stage files and how to read one.
+pub struct KindEntry {
+    pub name: &'static str,
+    pub parse: fn(
+        &mut dyn erased_serde::Deserializer<'_>,
+    ) -> Result<Arc<dyn CheckKind>, erased_serde::Error>,
+}
+
+inventory::collect!(KindEntry);
+
+/// Register a check kind: `register_kind!("file", FileCheck)` in the
+/// kind's own file. The type has inherent `validate`, `describe` and
+/// `eval` methods and deserializes from the YAML under the kind's name.
+#[macro_export]
+macro_rules! register_kind {
+    ($name:literal, $ty:ty) => {
+        impl $crate::scan::check::CheckKind for $ty {
+            fn validate(&self) -> Result<(), String> {
+                <$ty>::validate(self)
+            }
+            fn describe(&self) -> String {
+                <$ty>::describe(self)
+            }
+            fn eval(&self, t: &$crate::scan::target::Target) -> $crate::scan::outcome::Outcome {
+                <$ty>::eval(self, t)
+            }
+        }
+        inventory::submit! {
+            $crate::scan::check::KindEntry {
+                name: $name,
+                parse: |d| {
+                    let c: $ty = serde_yaml::with::singleton_map_recursive::deserialize(d)?;
+                    Ok(std::sync::Arc::new(c))
+                },
+            }
+        }
+    };
+}
+
+/// The registered kinds' names, sorted.
+pub fn kind_names() -> &'static [&'static str] {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        let mut n: Vec<&'static str> = inventory::iter::<KindEntry>
+            .into_iter()
+            .map(|k| k.name)
+            .chain(["all", "any"])
+            .collect();
+        n.sort_unstable();
+        n
+    })
+}
+
+#[derive(Debug, Clone)]
 pub enum Check {
-    File(FileCheck),
-    Kv(KvCheck),
-    Sysctl(SysctlCheck),
-    Sshd(SshdCheck),
-    Mount(MountCheck),
-    Package(PackageCheck),
-    Service(ServiceCheck),
-    KernelModule(KernelModuleCheck),
-    AuditRule(AuditRuleCheck),
-    FsWalk(FsWalkCheck),
-    Accounts(AccountsCheck),
+    /// One registered kind, by name.
+    Kind(&'static str, Arc<dyn CheckKind>),
     /// Every check must pass.
     All(Vec<Check>),
     /// At least one check must pass.
@@ -31,7 +85,7 @@ pub enum Check {
 
 /// Checks are written as single-key maps (`file: {...}`), nested ones too.
 pub fn deserialize_check<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Check, D::Error> {
-    serde_yaml::with::singleton_map_recursive::deserialize(d)
+    Check::deserialize(d)
 }
 
 /// Parse a check from YAML text (tests, tools).
@@ -39,21 +93,63 @@ pub fn parse_check(text: &str) -> Result<Check, serde_yaml::Error> {
     deserialize_check(serde_yaml::Deserializer::from_str(text))
 }
 
+impl<'de> Deserialize<'de> for Check {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Check, D::Error> {
+        d.deserialize_map(CheckVisitor)
+    }
+}
+
+struct CheckVisitor;
+
+impl<'de> Visitor<'de> for CheckVisitor {
+    type Value = Check;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a check: a map with one kind as its key")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Check, A::Error> {
+        let Some(key) = map.next_key::<String>()? else {
+            return Err(de::Error::custom(
+                "a check names one kind; this one is empty",
+            ));
+        };
+        let check = match key.as_str() {
+            "all" => Check::All(map.next_value()?),
+            "any" => Check::Any(map.next_value()?),
+            name => {
+                let entry = inventory::iter::<KindEntry>
+                    .into_iter()
+                    .find(|k| k.name == name)
+                    .ok_or_else(|| de::Error::unknown_variant(name, kind_names()))?;
+                Check::Kind(entry.name, map.next_value_seed(KindSeed(entry))?)
+            }
+        };
+        if let Some(extra) = map.next_key::<String>()? {
+            return Err(de::Error::custom(format!(
+                "a check names one kind; `{extra}` is a second one (use `all:` or `any:`)"
+            )));
+        }
+        Ok(check)
+    }
+}
+
+struct KindSeed(&'static KindEntry);
+
+impl<'de> de::DeserializeSeed<'de> for KindSeed {
+    type Value = Arc<dyn CheckKind>;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let mut erased = <dyn erased_serde::Deserializer>::erase(d);
+        (self.0.parse)(&mut erased).map_err(de::Error::custom)
+    }
+}
+
 impl Check {
     /// The kind's name as written in stage files.
     pub fn kind(&self) -> &'static str {
         match self {
-            Check::File(_) => "file",
-            Check::Kv(_) => "kv",
-            Check::Sysctl(_) => "sysctl",
-            Check::Sshd(_) => "sshd",
-            Check::Mount(_) => "mount",
-            Check::Package(_) => "package",
-            Check::Service(_) => "service",
-            Check::KernelModule(_) => "kernel_module",
-            Check::AuditRule(_) => "audit_rule",
-            Check::FsWalk(_) => "fs_walk",
-            Check::Accounts(_) => "accounts",
+            Check::Kind(name, _) => name,
             Check::All(_) => "all",
             Check::Any(_) => "any",
         }
@@ -62,17 +158,7 @@ impl Check {
     /// Problems a loader reports (bad regex, relative path, empty test).
     pub fn validate(&self) -> Result<(), String> {
         match self {
-            Check::File(c) => c.validate(),
-            Check::Kv(c) => c.validate(),
-            Check::Sysctl(c) => c.validate(),
-            Check::Sshd(c) => c.validate(),
-            Check::Mount(c) => c.validate(),
-            Check::Package(c) => c.validate(),
-            Check::Service(c) => c.validate(),
-            Check::KernelModule(c) => c.validate(),
-            Check::AuditRule(c) => c.validate(),
-            Check::FsWalk(c) => c.validate(),
-            Check::Accounts(c) => c.validate(),
+            Check::Kind(_, c) => c.validate(),
             Check::All(cs) | Check::Any(cs) => {
                 if cs.is_empty() {
                     return Err(format!("`{}` needs at least one check", self.kind()));
@@ -85,17 +171,7 @@ impl Check {
     /// What the check tests, in one line.
     pub fn describe(&self) -> String {
         match self {
-            Check::File(c) => c.describe(),
-            Check::Kv(c) => c.describe(),
-            Check::Sysctl(c) => c.describe(),
-            Check::Sshd(c) => c.describe(),
-            Check::Mount(c) => c.describe(),
-            Check::Package(c) => c.describe(),
-            Check::Service(c) => c.describe(),
-            Check::KernelModule(c) => c.describe(),
-            Check::AuditRule(c) => c.describe(),
-            Check::FsWalk(c) => c.describe(),
-            Check::Accounts(c) => c.describe(),
+            Check::Kind(_, c) => c.describe(),
             Check::All(cs) => cs
                 .iter()
                 .map(Check::describe)
@@ -111,17 +187,7 @@ impl Check {
 
     pub fn eval(&self, t: &Target) -> Outcome {
         match self {
-            Check::File(c) => c.eval(t),
-            Check::Kv(c) => c.eval(t),
-            Check::Sysctl(c) => c.eval(t),
-            Check::Sshd(c) => c.eval(t),
-            Check::Mount(c) => c.eval(t),
-            Check::Package(c) => c.eval(t),
-            Check::Service(c) => c.eval(t),
-            Check::KernelModule(c) => c.eval(t),
-            Check::AuditRule(c) => c.eval(t),
-            Check::FsWalk(c) => c.eval(t),
-            Check::Accounts(c) => c.eval(t),
+            Check::Kind(_, c) => c.eval(t),
             Check::All(cs) => {
                 let outs: Vec<Outcome> = cs.iter().map(|c| c.eval(t)).collect();
                 let worst = [Status::Error, Status::Fail, Status::Pass]

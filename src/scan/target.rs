@@ -1,18 +1,50 @@
-//! What a scan reads: a root tree (every path resolved inside the root,
-//! symlinks included, never escaping it) or the live host.
+//! What a scan reads: a file system view (a root tree resolved inside its
+//! root, or the live host; see [`super::view`]) and, live, commands.
 
+use super::view::{FsView, LiveView, Meta, TreeView};
 use crate::exec;
 use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Symlink hops allowed while resolving one path (as the kernel's 40).
 const MAX_HOPS: usize = 40;
 
+/// The largest file a check reads whole; a bigger one is an error, not a
+/// partial read.
+pub const MAX_READ: u64 = 16 << 20;
+
+/// What a scan reads: a file system view and, live, commands. A scan
+/// reads each file and runs each command once: the target keeps what it
+/// read (up to [`CACHE_BYTES`]) and the facts checks parse from it.
 #[derive(Debug, Clone)]
 pub struct Target {
+    view: Arc<dyn FsView>,
     root: PathBuf,
     live: bool,
+    /// Set for the length of one scan ([`Target::scanning`]).
+    cache: Option<Arc<Cache>>,
+}
+
+/// The most file text a target keeps for reuse; past it, files are read
+/// again when asked again.
+pub const CACHE_BYTES: u64 = 64 << 20;
+
+type Shared = Arc<dyn std::any::Any + Send + Sync>;
+/// A file's text, or the kind and message of the error reading it.
+type Read = Result<Arc<str>, (io::ErrorKind, String)>;
+
+#[derive(Debug, Default)]
+struct Cache {
+    files: Mutex<HashMap<String, Read>>,
+    commands: Mutex<HashMap<String, Result<exec::Output, String>>>,
+    facts: Mutex<HashMap<&'static str, Shared>>,
+    bytes: AtomicU64,
+    /// How many reads and commands the cache answered (for tests).
+    hits: AtomicU64,
 }
 
 impl Target {
@@ -25,14 +57,22 @@ impl Target {
         let root = dir
             .canonicalize()
             .with_context(|| format!("resolving {}", dir.display()))?;
-        Ok(Target { root, live: false })
+        let view = TreeView::open(&root).with_context(|| format!("opening {}", root.display()))?;
+        Ok(Target {
+            view: Arc::new(view),
+            root,
+            live: false,
+            cache: None,
+        })
     }
 
     /// The running system this process is on.
     pub fn live() -> Target {
         Target {
+            view: Arc::new(LiveView),
             root: PathBuf::from("/"),
             live: true,
+            cache: None,
         }
     }
 
@@ -40,21 +80,30 @@ impl Target {
         self.live
     }
 
+    /// The same target for one scan: what it reads and runs is kept and
+    /// reused until the scan ends (the target must not change meanwhile).
+    pub fn scanning(&self) -> Target {
+        Target {
+            cache: Some(Arc::default()),
+            ..self.clone()
+        }
+    }
+
+    /// Where the tree is on the host (for reports and for the build's
+    /// writers; checks read through the view).
     pub fn root_dir(&self) -> &Path {
         &self.root
     }
 
     /// A human description: `root tree /x` or `live host`.
     pub fn describe(&self) -> String {
-        if self.live {
-            "live host".to_string()
-        } else {
-            format!("root tree {}", self.root.display())
-        }
+        self.view.describe()
     }
 
     /// The host path of the in-target absolute `path`, with every symlink
-    /// (the last one too, when `follow_last`) resolved inside the root.
+    /// (the last one too, when `follow_last`) resolved inside the root;
+    /// components that do not exist yet are kept. For the build, which
+    /// writes into the tree; a check reads through the view instead.
     pub fn resolve_with(&self, path: &str, follow_last: bool) -> io::Result<PathBuf> {
         if self.live {
             return Ok(PathBuf::from(path));
@@ -109,9 +158,84 @@ impl Target {
         self.resolve_with(path, true)
     }
 
+    /// The text of the regular file at `path` (invalid UTF-8 replaced); an
+    /// error for anything else, and for a file over [`MAX_READ`]. Read once
+    /// per scan.
     pub fn read_to_string(&self, path: &str) -> io::Result<String> {
-        let bytes = std::fs::read(self.resolve(path)?)?;
+        let Some(cache) = &self.cache else {
+            return self.read_uncached(path);
+        };
+        if let Some(r) = cache.files.lock().expect("cache lock").get(path) {
+            cache.hits.fetch_add(1, Ordering::Relaxed);
+            return r
+                .as_ref()
+                .map(|t| t.to_string())
+                .map_err(|(kind, msg)| io::Error::new(*kind, msg.clone()));
+        }
+        let r = self.read_uncached(path);
+        let size = r.as_ref().map_or(0, |t| t.len() as u64);
+        if cache.bytes.fetch_add(size, Ordering::Relaxed) + size <= CACHE_BYTES {
+            let kept = match &r {
+                Ok(t) => Ok(Arc::from(t.as_str())),
+                Err(e) => Err((e.kind(), e.to_string())),
+            };
+            cache
+                .files
+                .lock()
+                .expect("cache lock")
+                .insert(path.to_string(), kept);
+        }
+        r
+    }
+
+    fn read_uncached(&self, path: &str) -> io::Result<String> {
+        let (bytes, more) = self.view.read(path, MAX_READ)?;
+        if more {
+            return Err(io::Error::other(format!(
+                "{path} is larger than {} MiB: not read",
+                MAX_READ >> 20
+            )));
+        }
         Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// A fact derived from what the target holds (a parsed configuration,
+    /// say), made by `make` once per scan and shared after.
+    pub fn fact<T: Send + Sync + 'static>(
+        &self,
+        key: &'static str,
+        make: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        let Some(cache) = &self.cache else {
+            return Arc::new(make());
+        };
+        if let Some(f) = cache.facts.lock().expect("cache lock").get(key) {
+            if let Ok(t) = Arc::clone(f).downcast::<T>() {
+                cache.hits.fetch_add(1, Ordering::Relaxed);
+                return t;
+            }
+        }
+        // Made without the lock held: `make` may ask for other facts.
+        let made = Arc::new(make());
+        cache
+            .facts
+            .lock()
+            .expect("cache lock")
+            .insert(key, made.clone() as Shared);
+        made
+    }
+
+    /// How many reads, commands and facts the scan's cache answered.
+    pub fn cache_hits(&self) -> u64 {
+        self.cache
+            .as_ref()
+            .map_or(0, |c| c.hits.load(Ordering::Relaxed))
+    }
+
+    /// At most `max` bytes of the regular file at `path`, and whether it
+    /// holds more.
+    pub fn read_head(&self, path: &str, max: u64) -> io::Result<(Vec<u8>, bool)> {
+        self.view.read(path, max)
     }
 
     /// The text of `path`, or `None` when it does not exist.
@@ -123,12 +247,12 @@ impl Target {
         }
     }
 
-    pub fn metadata(&self, path: &str) -> io::Result<std::fs::Metadata> {
-        std::fs::metadata(self.resolve(path)?)
+    pub fn metadata(&self, path: &str) -> io::Result<Meta> {
+        self.view.metadata(path)
     }
 
-    pub fn symlink_metadata(&self, path: &str) -> io::Result<std::fs::Metadata> {
-        std::fs::symlink_metadata(self.resolve_with(path, false)?)
+    pub fn symlink_metadata(&self, path: &str) -> io::Result<Meta> {
+        self.view.symlink_metadata(path)
     }
 
     pub fn exists(&self, path: &str) -> bool {
@@ -137,25 +261,27 @@ impl Target {
 
     /// The raw target of a symlink.
     pub fn read_link(&self, path: &str) -> io::Result<String> {
-        Ok(std::fs::read_link(self.resolve_with(path, false)?)?
-            .to_string_lossy()
-            .into_owned())
+        self.view.read_link(path)
+    }
+
+    /// `path` with every symlink resolved inside the target.
+    pub fn canonical(&self, path: &str) -> io::Result<String> {
+        self.view.canonical(path)
+    }
+
+    /// Entries of a directory with their inodes (symlinks not followed),
+    /// sorted; an error when it cannot be read whole.
+    pub fn read_dir(&self, path: &str) -> io::Result<Vec<(String, Meta)>> {
+        self.view.read_dir(path)
     }
 
     /// Entry names of a directory, sorted; empty when it does not exist.
     pub fn list_dir(&self, path: &str) -> io::Result<Vec<String>> {
-        let dir = self.resolve(path)?;
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let mut names: Vec<String> = rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        Ok(names)
+        match self.view.read_dir(path) {
+            Ok(entries) => Ok(entries.into_iter().map(|e| e.0).collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(e),
+        }
     }
 
     /// In-target paths matching `pattern` (`*` and `?` in any component),
@@ -207,16 +333,44 @@ impl Target {
         Ok(by_name.into_values().collect())
     }
 
-    /// Run a command on the live host; `None` for offline targets.
+    /// Where `program` is on the live host's PATH; `None` offline.
+    pub fn find_program(&self, program: &str) -> Option<PathBuf> {
+        if self.live {
+            exec::which(program)
+        } else {
+            None
+        }
+    }
+
+    /// Run a command on the live host (once per scan for the same
+    /// arguments); `None` for offline targets.
     pub fn command(&self, program: &str, args: &[&str]) -> Option<Result<exec::Output>> {
         if !self.live {
             return None;
         }
-        Some(
+        let key = std::iter::once(program)
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>()
+            .join("\0");
+        let run = || {
             exec::cmd(program, args)
                 .timeout(std::time::Duration::from_secs(30))
-                .run_unchecked(),
-        )
+                .run_unchecked()
+        };
+        let Some(cache) = &self.cache else {
+            return Some(run());
+        };
+        if let Some(r) = cache.commands.lock().expect("cache lock").get(&key) {
+            cache.hits.fetch_add(1, Ordering::Relaxed);
+            return Some(r.clone().map_err(anyhow::Error::msg));
+        }
+        let r = run();
+        let kept = match &r {
+            Ok(o) => Ok(o.clone()),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        cache.commands.lock().expect("cache lock").insert(key, kept);
+        Some(r)
     }
 }
 
@@ -271,7 +425,7 @@ mod tests {
         // even though the host's /etc/hostname does.
         assert!(t.read_to_string("/etc/escape").is_err());
         assert!(t.resolve("/etc/escape").unwrap().starts_with(t.root_dir()));
-        assert!(t.symlink_metadata("/lib").unwrap().file_type().is_symlink());
+        assert!(t.symlink_metadata("/lib").unwrap().is_symlink());
     }
 
     #[test]
@@ -305,6 +459,39 @@ mod tests {
         assert!(!wildcard_match("a?c", "ac"));
         assert!(wildcard_match("vport[0-9]p1", "vport3p1"));
         assert!(wildcard_match("[", "["));
+    }
+
+    #[test]
+    fn a_scan_reads_each_file_once() {
+        let (d, t) = tree();
+        let t = t.scanning();
+        assert_eq!(
+            t.read_to_string("/etc/passwd").unwrap(),
+            "root:x:0:0::/root:/bin/sh\n"
+        );
+        std::fs::write(d.path().join("etc/passwd"), "changed").unwrap();
+        // The same scan sees what it read first; a new target reads again.
+        assert_eq!(
+            t.read_to_string("/etc/passwd").unwrap(),
+            "root:x:0:0::/root:/bin/sh\n"
+        );
+        assert_eq!(t.cache_hits(), 1);
+        let fresh = Target::root(d.path()).unwrap();
+        assert_eq!(fresh.read_to_string("/etc/passwd").unwrap(), "changed");
+        // Errors are kept too, with their kind.
+        let e = t.read_to_string("/etc/none").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            t.read_to_string("/etc/none").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        let made = std::sync::atomic::AtomicUsize::new(0);
+        let a = t.fact("answer", || {
+            made.fetch_add(1, Ordering::Relaxed);
+            42u32
+        });
+        let b = t.fact("answer", || 0u32);
+        assert_eq!((*a, *b, made.load(Ordering::Relaxed)), (42, 42, 1));
     }
 
     #[test]

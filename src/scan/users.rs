@@ -21,10 +21,16 @@ pub struct Users {
 }
 
 impl Users {
-    pub fn load(t: &Target) -> std::io::Result<Users> {
-        let passwd = t.read_optional("/etc/passwd")?.unwrap_or_default();
-        let group = t.read_optional("/etc/group")?.unwrap_or_default();
-        Ok(Users::parse(&passwd, &group))
+    /// The target's users and groups, parsed once per scan.
+    pub fn load(t: &Target) -> std::sync::Arc<Result<Users, String>> {
+        t.fact("users", || {
+            let read = |p: &str| {
+                t.read_optional(p)
+                    .map(Option::unwrap_or_default)
+                    .map_err(|e| format!("{p}: {e}"))
+            };
+            Ok(Users::parse(&read("/etc/passwd")?, &read("/etc/group")?))
+        })
     }
 
     pub fn parse(passwd: &str, group: &str) -> Users {

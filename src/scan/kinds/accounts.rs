@@ -65,9 +65,10 @@ impl AccountsCheck {
     }
 
     pub fn eval(&self, t: &Target) -> Outcome {
-        let users = match Users::load(t) {
+        let loaded = Users::load(t);
+        let users = match loaded.as_ref() {
             Ok(u) => u,
-            Err(e) => return Outcome::error(format!("reading /etc/passwd: {e}")),
+            Err(e) => return Outcome::error(format!("reading users: {e}")),
         };
         let mut f = Findings::new();
         if self.no_empty_passwords || self.no_password_hashes {
@@ -148,6 +149,8 @@ impl AccountsCheck {
         f.finish()
     }
 }
+
+crate::register_kind!("accounts", AccountsCheck);
 
 #[cfg(test)]
 mod tests {

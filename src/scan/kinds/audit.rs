@@ -322,12 +322,13 @@ impl AuditRuleCheck {
     }
 
     pub fn eval(&self, t: &Target) -> Outcome {
-        if t.is_live() && crate::exec::which("auditctl").is_none() {
+        if t.is_live() && t.find_program("auditctl").is_none() {
             return Outcome::fail("auditd is not installed (no auditctl)");
         }
-        let rules = match load_rules(t) {
+        let loaded = t.fact("audit rules", || load_rules(t));
+        let rules = match loaded.as_ref() {
             Ok(r) => r,
-            Err(e) => return Outcome::error(e),
+            Err(e) => return Outcome::error(e.clone()),
         };
         let mut f = Findings::new();
         if let Some(text) = &self.rule {
@@ -374,6 +375,8 @@ impl AuditRuleCheck {
         f.finish()
     }
 }
+
+crate::register_kind!("audit_rule", AuditRuleCheck);
 
 #[cfg(test)]
 mod tests {

@@ -5,7 +5,6 @@ use crate::scan::outcome::{Findings, Outcome};
 use crate::scan::target::Target;
 use crate::scan::users::Users;
 use serde::Deserialize;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -112,17 +111,18 @@ impl FileCheck {
                 Outcome::fail(format!("{}: does not exist", self.path))
             };
         }
-        let users = match (&self.owner, &self.group) {
-            (None, None) => Users::default(),
-            _ => match Users::load(t) {
-                Ok(u) => u,
-                Err(e) => return Outcome::error(format!("reading users: {e}")),
-            },
+        let loaded = match (&self.owner, &self.group) {
+            (None, None) => std::sync::Arc::new(Ok(Users::default())),
+            _ => Users::load(t),
+        };
+        let users = match loaded.as_ref() {
+            Ok(u) => u,
+            Err(e) => return Outcome::error(format!("reading users: {e}")),
         };
         let mut f = Findings::new();
         let mut texts: Vec<(String, String)> = Vec::new();
         for p in &paths {
-            if let Some(text) = self.eval_attributes(t, p, &users, &mut f) {
+            if let Some(text) = self.eval_attributes(t, p, users, &mut f) {
                 texts.push((p.clone(), text));
             }
         }
@@ -161,7 +161,7 @@ impl FileCheck {
             }
         };
         if let Some(k) = &self.kind {
-            let actual = if md.file_type().is_symlink() {
+            let actual = if md.is_symlink() {
                 "symlink"
             } else if md.is_dir() {
                 "dir"
@@ -170,7 +170,7 @@ impl FileCheck {
             };
             f.check(actual == k, format!("{path}: is a {actual}"));
         }
-        let mode = md.permissions().mode() & 0o7777;
+        let mode = md.mode;
         if let Some(limit) = &self.mode {
             let limit = parse_mode(limit).unwrap_or(0);
             let extra = mode & !limit;
@@ -185,20 +185,20 @@ impl FileCheck {
         }
         if let Some(owner) = &self.owner {
             match users.uid_of(owner) {
-                Some(uid) if md.uid() == uid => f.ok(format!("{path}: owner {owner}")),
+                Some(uid) if md.uid == uid => f.ok(format!("{path}: owner {owner}")),
                 Some(_) => f.bad(format!(
                     "{path}: owner {}, expected {owner}",
-                    users.user_name(md.uid())
+                    users.user_name(md.uid)
                 )),
                 None => f.bad(format!("{path}: user {owner} does not exist in the target")),
             }
         }
         if let Some(group) = &self.group {
             match users.gid_of(group) {
-                Some(gid) if md.gid() == gid => f.ok(format!("{path}: group {group}")),
+                Some(gid) if md.gid == gid => f.ok(format!("{path}: group {group}")),
                 Some(_) => f.bad(format!(
                     "{path}: group {}, expected {group}",
-                    users.group_name(md.gid())
+                    users.group_name(md.gid)
                 )),
                 None => f.bad(format!(
                     "{path}: group {group} does not exist in the target"
@@ -302,11 +302,14 @@ pub fn clip(s: &str) -> String {
     }
 }
 
+crate::register_kind!("file", FileCheck);
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::scan::outcome::Status;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn tree() -> (tempfile::TempDir, Target) {
         let d = tempfile::tempdir().unwrap();

@@ -8,8 +8,6 @@ use crate::scan::target::Target;
 use crate::scan::users::Users;
 use serde::Deserialize;
 use std::collections::BTreeSet;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
 
 const ALWAYS_SKIPPED: &[&str] = &["/proc", "/sys", "/dev", "/run"];
 const PSEUDO_FS: &[&str] = &[
@@ -97,93 +95,91 @@ impl FsWalkCheck {
     }
 
     pub fn eval(&self, t: &Target) -> Outcome {
-        let root = t.root_dir().to_path_buf();
-        let mut skip: BTreeSet<PathBuf> = ALWAYS_SKIPPED
+        let mut skip: BTreeSet<String> = ALWAYS_SKIPPED
             .iter()
-            .chain(
-                self.exclude
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .iter(),
-            )
-            .map(|p| host(&root, p))
+            .map(|s| s.to_string())
+            .chain(self.exclude.iter().cloned())
             .collect();
         if t.is_live() {
-            if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
-                for m in super::mount::parse_mountinfo(&text) {
-                    if PSEUDO_FS.contains(&m.fstype.as_str()) || m.fstype.starts_with("fuse.") {
-                        skip.insert(PathBuf::from(m.mount));
+            match t.read_to_string("/proc/self/mountinfo") {
+                Ok(text) => {
+                    for m in super::mount::parse_mountinfo(&text) {
+                        if PSEUDO_FS.contains(&m.fstype.as_str()) || m.fstype.starts_with("fuse.") {
+                            skip.insert(m.mount);
+                        }
                     }
                 }
+                Err(e) => return Outcome::error(format!("reading /proc/self/mountinfo: {e}")),
             }
         }
-        let users = match Users::load(t) {
+        let loaded = Users::load(t);
+        let users = match loaded.as_ref() {
             Ok(u) => u,
             Err(e) => return Outcome::error(format!("reading users: {e}")),
         };
         let allowed: Option<BTreeSet<String>> = self.suid_sgid_allowed.as_ref().map(|list| {
             list.iter()
-                .map(|p| in_target(&root, &t.resolve(p).unwrap_or_else(|_| host(&root, p))))
+                .map(|p| t.canonical(p).unwrap_or_else(|_| p.clone()))
                 .collect()
         });
         let mut sticky_bad = Vec::new();
         let mut ww_files = Vec::new();
         let mut setid_bad = Vec::new();
         let mut unowned = Vec::new();
+        let mut unreadable = Vec::new();
         let mut walked = 0usize;
-        let mut stack = vec![root.clone()];
+        let mut stack = vec![String::from("/")];
         while let Some(dir) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&dir) else {
-                continue;
+            let entries = match t.read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) => {
+                    unreadable.push(format!("{dir} ({e})"));
+                    continue;
+                }
             };
-            for entry in rd.flatten() {
-                let path = entry.path();
+            for (name, md) in entries {
+                let path = if dir == "/" {
+                    format!("/{name}")
+                } else {
+                    format!("{dir}/{name}")
+                };
                 if skip.contains(&path) {
                     continue;
                 }
-                let Ok(md) = entry.metadata() else { continue };
                 walked += 1;
-                let mode = md.permissions().mode();
-                let ft = md.file_type();
-                if ft.is_dir() {
+                let mode = md.mode;
+                if md.is_dir() {
                     if self.sticky_world_writable_dirs && mode & 0o002 != 0 && mode & 0o1000 == 0 {
-                        sticky_bad.push(format!(
-                            "{} ({:04o})",
-                            in_target(&root, &path),
-                            mode & 0o7777
-                        ));
+                        sticky_bad.push(format!("{path} ({mode:04o})"));
                     }
                     stack.push(path.clone());
-                } else if ft.is_file() {
+                } else if md.is_file() {
                     if self.no_world_writable_files && mode & 0o002 != 0 {
-                        ww_files.push(format!(
-                            "{} ({:04o})",
-                            in_target(&root, &path),
-                            mode & 0o7777
-                        ));
+                        ww_files.push(format!("{path} ({mode:04o})"));
                     }
                     if let Some(allowed) = &allowed {
-                        if mode & 0o6000 != 0 {
-                            let p = in_target(&root, &path);
-                            if !allowed.contains(&p) {
-                                setid_bad.push(format!("{p} ({:04o})", mode & 0o7777));
-                            }
+                        if mode & 0o6000 != 0 && !allowed.contains(&path) {
+                            setid_bad.push(format!("{path} ({mode:04o})"));
                         }
                     }
                 }
                 if self.no_unowned
-                    && !ft.is_symlink()
-                    && (!users.has_uid(md.uid()) || !users.has_gid(md.gid()))
+                    && !md.is_symlink()
+                    && (!users.has_uid(md.uid) || !users.has_gid(md.gid))
                 {
-                    unowned.push(format!(
-                        "{} ({}:{})",
-                        in_target(&root, &path),
-                        md.uid(),
-                        md.gid()
-                    ));
+                    unowned.push(format!("{path} ({}:{})", md.uid, md.gid));
                 }
             }
+        }
+        // A directory that could not be read may hide anything: that is
+        // never a pass.
+        if !unreadable.is_empty() {
+            unreadable.sort();
+            return Outcome::error(format!(
+                "{} directories could not be read: {}",
+                unreadable.len(),
+                unreadable[..unreadable.len().min(SHOWN)].join(", ")
+            ));
         }
         let mut f = Findings::new();
         f.note(format!("{walked} files walked"));
@@ -231,22 +227,14 @@ impl FsWalkCheck {
     }
 }
 
-fn host(root: &Path, p: &str) -> PathBuf {
-    root.join(p.trim_start_matches('/'))
-}
-
-fn in_target(root: &Path, p: &Path) -> String {
-    match p.strip_prefix(root) {
-        Ok(rel) => format!("/{}", rel.display()),
-        Err(_) => p.display().to_string(),
-    }
-}
+crate::register_kind!("fs_walk", FsWalkCheck);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::scan::outcome::Status;
     use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn finds_each_kind_of_offender() {

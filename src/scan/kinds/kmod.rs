@@ -76,11 +76,12 @@ fn shipped(t: &Target) -> std::io::Result<(Vec<String>, Vec<String>, usize)> {
     let mut builtin = Vec::new();
     let kernels = t.list_dir("/lib/modules")?;
     for k in &kernels {
-        if let Some(dep) = t.read_optional(&format!("/lib/modules/{k}/modules.dep"))? {
-            for l in dep.lines() {
-                if let Some((path, _)) = l.split_once(':') {
-                    loadable.push(module_of(path));
-                }
+        // Without modules.dep the kernel's modules are unknown: an error,
+        // not "none shipped".
+        let dep = t.read_to_string(&format!("/lib/modules/{k}/modules.dep"))?;
+        for l in dep.lines() {
+            if let Some((path, _)) = l.split_once(':') {
+                loadable.push(module_of(path));
             }
         }
         if let Some(b) = t.read_optional(&format!("/lib/modules/{k}/modules.builtin"))? {
@@ -120,7 +121,10 @@ impl KernelModuleCheck {
             Err(e) => return Outcome::error(format!("reading /lib/modules: {e}")),
         };
         let loaded = if t.is_live() {
-            std::fs::read_to_string("/proc/modules").unwrap_or_default()
+            match t.read_to_string("/proc/modules") {
+                Ok(text) => text,
+                Err(e) => return Outcome::error(format!("reading /proc/modules: {e}")),
+            }
         } else {
             String::new()
         };
@@ -143,7 +147,10 @@ impl KernelModuleCheck {
                 None if kernels > 0 && !loadable.contains(&m) => {
                     f.ok(format!("{name}: not shipped by any installed kernel"))
                 }
-                None if kernels == 0 => f.ok(format!("{name}: no kernel modules in this tree")),
+                // Nothing says whether it could load: not a pass.
+                None if kernels == 0 => f.err(format!(
+                    "{name}: no kernel in /lib/modules and no `install {name} /bin/false`: cannot tell"
+                )),
                 None => {
                     let bl = cfg
                         .blacklist
@@ -167,6 +174,8 @@ impl KernelModuleCheck {
         f.finish()
     }
 }
+
+crate::register_kind!("kernel_module", KernelModuleCheck);
 
 #[cfg(test)]
 mod tests {
@@ -226,5 +235,24 @@ mod tests {
         assert_eq!(chk(&["freevxfs"]).eval(&t).status, Status::Pass);
         assert_eq!(chk(&["ext4"]).eval(&t).status, Status::Fail);
         assert_eq!(chk(&["sctp"]).eval(&t).status, Status::Fail);
+    }
+
+    #[test]
+    fn a_tree_without_a_kernel_cannot_pass_on_absence() {
+        let (d, t) = tree();
+        fs::remove_dir_all(d.path().join("lib/modules/6.1.0-50-amd64")).unwrap();
+        let o = chk(&["cramfs"]).eval(&t);
+        assert_eq!(o.status, Status::Error, "{o:?}");
+        // The refusal in modprobe.d holds whatever kernel comes.
+        fs::write(
+            d.path().join("etc/modprobe.d/a.conf"),
+            "install cramfs /bin/false
+",
+        )
+        .unwrap();
+        assert_eq!(chk(&["cramfs"]).eval(&t).status, Status::Pass);
+        // A kernel without modules.dep: its modules are unknown.
+        fs::create_dir_all(d.path().join("lib/modules/6.1.0-51-amd64")).unwrap();
+        assert_eq!(chk(&["sctp"]).eval(&t).status, Status::Error);
     }
 }

@@ -82,6 +82,8 @@ impl KvCheck {
     }
 }
 
+crate::register_kind!("kv", KvCheck);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,3 +13,45 @@ pub mod package;
 pub mod service;
 pub mod sshd;
 pub mod sysctl;
+
+#[cfg(test)]
+mod tests {
+    /// Every kind reads through the target: its view and its command
+    /// runner. Tests may build trees with std::fs.
+    #[test]
+    fn kinds_read_only_through_the_target() {
+        let sources = [
+            ("accounts.rs", include_str!("accounts.rs")),
+            ("audit.rs", include_str!("audit.rs")),
+            ("file.rs", include_str!("file.rs")),
+            ("fswalk.rs", include_str!("fswalk.rs")),
+            ("kmod.rs", include_str!("kmod.rs")),
+            ("kv.rs", include_str!("kv.rs")),
+            ("mount.rs", include_str!("mount.rs")),
+            ("package.rs", include_str!("package.rs")),
+            ("service.rs", include_str!("service.rs")),
+            ("sshd.rs", include_str!("sshd.rs")),
+            ("sysctl.rs", include_str!("sysctl.rs")),
+        ];
+        let files: Vec<&str> = include_str!("mod.rs")
+            .lines()
+            .filter_map(|l| l.strip_prefix("pub mod "))
+            .map(|m| m.trim_end_matches(';'))
+            .collect();
+        assert_eq!(files.len(), sources.len(), "every kind is checked here");
+        for (name, text) in sources {
+            let code = text.split("#[cfg(test)]").next().unwrap();
+            for banned in [
+                "std::fs",
+                "std::process",
+                "exec::which",
+                "exec::cmd",
+                "File::open",
+                "resolve(",
+                "resolve_with(",
+            ] {
+                assert!(!code.contains(banned), "{name} uses {banned}");
+            }
+        }
+    }
+}

@@ -106,7 +106,7 @@ impl MountCheck {
 
     pub fn eval(&self, t: &Target) -> Outcome {
         if t.is_live() {
-            let text = match std::fs::read_to_string("/proc/self/mountinfo") {
+            let text = match t.read_to_string("/proc/self/mountinfo") {
                 Ok(t) => t,
                 Err(e) => return Outcome::error(format!("/proc/self/mountinfo: {e}")),
             };
@@ -162,6 +162,8 @@ impl MountCheck {
         f.finish()
     }
 }
+
+crate::register_kind!("mount", MountCheck);
 
 #[cfg(test)]
 mod tests {

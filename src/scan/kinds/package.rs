@@ -102,6 +102,8 @@ impl PackageCheck {
     }
 }
 
+crate::register_kind!("package", PackageCheck);
+
 #[cfg(test)]
 mod tests {
     use super::*;

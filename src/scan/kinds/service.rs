@@ -56,7 +56,7 @@ pub fn offline_state(t: &Target, unit: &str) -> std::io::Result<UnitState> {
     for dir in UNIT_DIRS {
         let p = format!("{dir}/{unit}");
         if let Ok(md) = t.symlink_metadata(&p) {
-            if md.file_type().is_symlink() {
+            if md.is_symlink() {
                 let link = t.read_link(&p)?;
                 if link == "/dev/null" {
                     return Ok(UnitState::Masked(p));
@@ -238,6 +238,8 @@ impl ServiceCheck {
         }
     }
 }
+
+crate::register_kind!("service", ServiceCheck);
 
 #[cfg(test)]
 mod tests {

@@ -167,28 +167,10 @@ impl SshdCheck {
     }
 
     pub fn eval(&self, t: &Target) -> Outcome {
-        let config = if t.is_live() {
-            let Some(sshd) = crate::exec::which("sshd") else {
-                return Outcome::na("no sshd on this system: OpenSSH server not installed");
-            };
-            match t.command(&sshd.to_string_lossy(), &["-T"]) {
-                Some(Ok(out)) if out.status.success() => parse_sshd_t(&out.stdout_str()),
-                Some(Ok(out)) => {
-                    return Outcome::error(format!("sshd -T failed: {}", out.stderr_str().trim()));
-                }
-                Some(Err(e)) => return Outcome::error(format!("sshd -T: {e:#}")),
-                None => unreachable!("live targets run commands"),
-            }
-        } else {
-            match t.read_optional(MAIN) {
-                Ok(None) => return Outcome::na(format!("{MAIN}: OpenSSH server not installed")),
-                Err(e) => return Outcome::error(format!("{MAIN}: {e}")),
-                Ok(Some(_)) => {}
-            }
-            match offline_config(t) {
-                Ok(c) => c,
-                Err(e) => return Outcome::error(e),
-            }
+        let loaded = t.fact("sshd config", || effective_config(t));
+        let config = match loaded.as_ref() {
+            Ok(c) => c,
+            Err(o) => return o.clone(),
         };
         let mut f = Findings::new();
         for (kw, want) in &self.settings {
@@ -208,6 +190,36 @@ impl SshdCheck {
         f.finish()
     }
 }
+
+/// The server's effective settings: `sshd -T` live, the configuration
+/// files offline; or the outcome every sshd check has without them.
+fn effective_config(t: &Target) -> Result<BTreeMap<String, SshdValue>, Outcome> {
+    if t.is_live() {
+        let Some(sshd) = t.find_program("sshd") else {
+            return Err(Outcome::na(
+                "no sshd on this system: OpenSSH server not installed",
+            ));
+        };
+        match t.command(&sshd.to_string_lossy(), &["-T"]) {
+            Some(Ok(out)) if out.status.success() => Ok(parse_sshd_t(&out.stdout_str())),
+            Some(Ok(out)) => Err(Outcome::error(format!(
+                "sshd -T failed: {}",
+                out.stderr_str().trim()
+            ))),
+            Some(Err(e)) => Err(Outcome::error(format!("sshd -T: {e:#}"))),
+            None => unreachable!("live targets run commands"),
+        }
+    } else {
+        match t.read_optional(MAIN) {
+            Ok(None) => return Err(Outcome::na(format!("{MAIN}: OpenSSH server not installed"))),
+            Err(e) => return Err(Outcome::error(format!("{MAIN}: {e}"))),
+            Ok(Some(_)) => {}
+        }
+        offline_config(t).map_err(Outcome::error)
+    }
+}
+
+crate::register_kind!("sshd", SshdCheck);
 
 #[cfg(test)]
 mod tests {

@@ -122,7 +122,7 @@ impl SysctlCheck {
         }
         if t.is_live() {
             let proc = format!("/proc/sys/{}", self.key.replace('.', "/"));
-            match std::fs::read_to_string(&proc) {
+            match t.read_to_string(&proc) {
                 Ok(v) => {
                     let v = v.split_whitespace().collect::<Vec<_>>().join(" ");
                     match self.value.test(Some(&v)) {
@@ -139,6 +139,8 @@ impl SysctlCheck {
         f.finish()
     }
 }
+
+crate::register_kind!("sysctl", SysctlCheck);
 
 #[cfg(test)]
 mod tests {
