@@ -20,12 +20,14 @@ pub trait CheckKind: std::fmt::Debug + Send + Sync {
     fn eval(&self, t: &Target) -> Outcome;
 }
 
+/// Reads one check of a kind from the YAML under its name.
+pub type ParseKind =
+    fn(&mut dyn erased_serde::Deserializer<'_>) -> Result<Arc<dyn CheckKind>, erased_serde::Error>;
+
 /// A kind in the registry: its name in stage files and how to read one.
 pub struct KindEntry {
     pub name: &'static str,
-    pub parse: fn(
-        &mut dyn erased_serde::Deserializer<'_>,
-    ) -> Result<Arc<dyn CheckKind>, erased_serde::Error>,
+    pub parse: ParseKind,
 }
 
 inventory::collect!(KindEntry);
