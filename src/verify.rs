@@ -1415,7 +1415,8 @@ pub fn agent_files() -> Vec<AgentFile> {
             0o644,
             format!(
                 "# stemforge: start the verification agent when the harness's port appears.\n\
-                 ACTION==\"add\", SUBSYSTEM==\"virtio-ports\", ATTR{{name}}==\"{PORT_NAME}\", TAG+=\"systemd\", ENV{{SYSTEMD_WANTS}}+=\"stemforge-verify.service\"\n"
+                 # The port's name can arrive after the device: the kernel then sends a change event.\n\
+                 ACTION==\"add|change\", SUBSYSTEM==\"virtio-ports\", ATTR{{name}}==\"{PORT_NAME}\", TAG+=\"systemd\", ENV{{SYSTEMD_WANTS}}+=\"stemforge-verify.service\"\n"
             ),
         ),
     ]
@@ -1763,6 +1764,8 @@ mod tests {
         let files = agent_files();
         let rule = &files[1].2;
         assert!(rule.contains("ATTR{name}==\"org.stemforge.results\""));
+        // The name may be set after the port is added (a change event).
+        assert!(rule.contains("ACTION==\"add|change\""));
         assert!(rule.contains("SYSTEMD_WANTS}+=\"stemforge-verify.service\""));
         assert!(
             files[0]
