@@ -2,11 +2,12 @@
 //! 1 findings (the scan or the verification failed), 2 errors (bad input,
 //! a failed preflight or step).
 
+use crate::benchmarks;
 use crate::config::ConfigError;
 use crate::pipeline::{self, BuildOptions, PreflightError};
 use crate::profile::{self, DEFAULT_PROFILE, ProfileSource};
 use crate::progress;
-use crate::scan::{self, ScanContext, Selection, target::Target};
+use crate::scan::{self, Benchmark, ScanContext, Selection, target::Target};
 use crate::stage::{Catalog, StageSource};
 use crate::verify::{self, Accel, VerifyOptions};
 use anyhow::{Context, Result};
@@ -47,8 +48,15 @@ pub enum Command {
     Boot(BootArgs),
     /// Scan a root tree or the live host against the controls
     Scan(ScanArgs),
+    /// Prove each control on a hardened tree: it passes, and fails once
+    /// its break recipe is applied (the tree is put back after each)
+    Prove(ProveArgs),
     /// List the OS profiles
     Profiles(ListArgs),
+    /// List every control with its references, applicability and break recipe
+    Controls(ControlsArgs),
+    /// Show how the catalog covers a reference document, item by item
+    Coverage(CoverageArgs),
     /// List the hardening stages and their controls
     Stages(StagesArgs),
     /// The in-image verification agent (started by the image itself)
@@ -218,6 +226,42 @@ pub struct ScanArgs {
     /// Write the report to FILE instead of stdout
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    /// Only the controls that answer this benchmark
+    #[arg(long, value_enum, default_value_t = Benchmark::All)]
+    pub benchmark: Benchmark,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlsArgs {
+    /// Stages directory instead of the built-in catalog
+    #[arg(long, value_name = "DIR")]
+    pub stages: Option<PathBuf>,
+    /// Only the controls that answer this benchmark
+    #[arg(long, value_enum, default_value_t = Benchmark::All)]
+    pub benchmark: Benchmark,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct CoverageArgs {
+    /// The reference document: faq, stig-ubuntu2204, stig-ubuntu2404,
+    /// cis-ubuntu2204 or cis-ubuntu2404
+    #[arg(long, value_name = "SOURCE", default_value = "faq",
+          value_parser = clap::builder::PossibleValuesParser::new(benchmarks::SOURCES))]
+    pub source: String,
+    /// Stages directory instead of the built-in catalog
+    #[arg(long, value_name = "DIR")]
+    pub stages: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
+}
+
+/// Which catalog, which controls, which roles: `scan` and `prove`.
+#[derive(Debug, Args)]
+pub struct SelectArgs {
     /// Stages directory instead of the built-in catalog
     #[arg(long, value_name = "DIR")]
     pub stages: Option<PathBuf>,
@@ -227,6 +271,38 @@ pub struct ScanArgs {
     /// Only these controls
     #[arg(long = "control", value_name = "ID")]
     pub controls: Vec<String>,
+}
+
+impl SelectArgs {
+    /// The catalog, with every `--control` checked to be in it.
+    fn catalog(&self) -> Result<Catalog> {
+        let catalog = Catalog::load(&stage_source(&self.stages))?;
+        for id in &self.controls {
+            if !catalog.controls().any(|(_, c)| &c.id == id) {
+                return Err(ConfigError::new(
+                    "--control",
+                    format!("no control `{id}` (see `stemforge controls`)"),
+                )
+                .into());
+            }
+        }
+        Ok(catalog)
+    }
+
+    fn roles(&self) -> Option<Vec<String>> {
+        (!self.roles.is_empty()).then(|| self.roles.clone())
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ProveArgs {
+    /// The hardened root tree (changed and restored, one control at a time)
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    #[command(flatten)]
+    pub select: SelectArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -279,6 +355,9 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Verify(a) => verify_cmd(a),
         Command::Boot(a) => boot_cmd(a),
         Command::Scan(a) => scan_cmd(a, verbose),
+        Command::Prove(a) => prove_cmd(a),
+        Command::Controls(a) => controls_cmd(a),
+        Command::Coverage(a) => coverage_cmd(a),
         Command::Profiles(a) => profiles(a),
         Command::Stages(a) => stages(a),
         Command::Agent => {
@@ -440,30 +519,187 @@ fn verify_cmd(a: VerifyArgs) -> Result<i32> {
     Ok(if v.passed { 0 } else { 1 })
 }
 
-fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
-    let source = stage_source(&a.stages);
-    let catalog = Catalog::load(&source)?;
-    for id in &a.controls {
-        if !catalog.controls().any(|(_, c)| &c.id == id) {
-            return Err(ConfigError::new(
-                "--control",
-                format!("no control `{id}` (see `stemforge stages`)"),
-            )
-            .into());
+fn prove_cmd(a: ProveArgs) -> Result<i32> {
+    let catalog = a.select.catalog()?;
+    let target = Target::root(&a.root)?;
+    let ctx = ScanContext::detect(&target, a.select.roles());
+    let root = target.root_dir().to_path_buf();
+    let proofs = scan::breaks::prove(&catalog, &root, &ctx, &a.select.controls)?;
+    let unproven = proofs.iter().filter(|p| !p.proven()).count();
+    match a.format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&proofs)?),
+        OutputFormat::Text => {
+            for p in &proofs {
+                let broken = p.broken.map_or("no recipe", |s| s.as_str());
+                let mark = if p.proven() { "proven" } else { "NOT PROVEN" };
+                println!(
+                    "{:<36} {:>6} -> {:<14} {mark}",
+                    p.id,
+                    p.intact.as_str(),
+                    broken
+                );
+                if !p.proven() {
+                    for e in p.evidence.iter().take(3) {
+                        println!("    {e}");
+                    }
+                }
+            }
+            println!(
+                "{} controls: {} proven, {unproven} not",
+                proofs.len(),
+                proofs.len() - unproven
+            );
         }
     }
+    Ok(if unproven == 0 { 0 } else { 1 })
+}
+
+fn controls_cmd(a: ControlsArgs) -> Result<i32> {
+    let catalog = Catalog::load(&stage_source(&a.stages))?;
+    let list: Vec<_> = catalog
+        .controls()
+        .filter(|(_, c)| a.benchmark.selects(&c.refs))
+        .collect();
+    match a.format {
+        OutputFormat::Json => {
+            let v: Vec<serde_json::Value> = list
+                .iter()
+                .map(|(s, c)| {
+                    serde_json::json!({
+                        "id": c.id,
+                        "title": c.title,
+                        "severity": c.severity,
+                        "stage": s.dir_name,
+                        "refs": c.refs,
+                        "when": { "stage": s.when, "control": c.when },
+                        "rationale": c.rationale,
+                        "fix": c.fix,
+                        "check": c.check.describe(),
+                        "break": c.breaks,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        OutputFormat::Text => {
+            for (_, c) in &list {
+                let mut refs: Vec<String> = c.refs.faq.iter().map(|f| format!("FAQ {f}")).collect();
+                refs.extend(c.refs.stig.iter().map(|r| r.version.clone()));
+                refs.extend(
+                    c.refs
+                        .cis
+                        .iter()
+                        .map(|r| format!("CIS {} {}", &r.benchmark[..10], r.id)),
+                );
+                println!("{:<34} {:<6} {}", c.id, c.severity.as_str(), c.title);
+                if !refs.is_empty() {
+                    println!("{:<41} {}", "", refs.join(", "));
+                }
+            }
+            println!("{} controls", list.len());
+        }
+    }
+    Ok(0)
+}
+
+/// One row of a coverage table.
+#[derive(Debug, serde::Serialize)]
+struct CoverageRow<'a> {
+    id: &'a str,
+    title: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    grade: &'a str,
+    /// `covered`, `justified` (a written reason) or `gap`.
+    status: &'static str,
+    controls: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+fn coverage_cmd(a: CoverageArgs) -> Result<i32> {
+    let catalog = Catalog::load(&stage_source(&a.stages))?;
+    let b = benchmarks::get();
+    let items = b
+        .items(&a.source)
+        .with_context(|| format!("--source: no reference document `{}`", a.source))?;
+    let rows: Vec<CoverageRow> = items
+        .iter()
+        .map(|item| {
+            let controls: Vec<&str> = catalog
+                .controls()
+                .filter(|(_, c)| match a.source.as_str() {
+                    "faq" => c.refs.faq.contains(&item.id),
+                    s if s.starts_with("stig-") => c.refs.stig.iter().any(|r| r.version == item.id),
+                    s => c
+                        .refs
+                        .cis
+                        .iter()
+                        .any(|r| r.id == item.id && s.ends_with(&r.benchmark[..10])),
+                })
+                .map(|(_, c)| c.id.as_str())
+                .collect();
+            let reason = b.reason(&a.source, &item.id);
+            CoverageRow {
+                id: &item.id,
+                title: &item.title,
+                grade: &item.grade,
+                status: match (controls.is_empty(), reason) {
+                    (false, _) => "covered",
+                    (true, Some(_)) => "justified",
+                    (true, None) => "gap",
+                },
+                controls,
+                reason,
+            }
+        })
+        .collect();
+    let count = |s: &str| rows.iter().filter(|r| r.status == s).count();
+    let (covered, justified, gaps) = (count("covered"), count("justified"), count("gap"));
+    match a.format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "source": a.source,
+                "items": rows.len(),
+                "covered": covered,
+                "justified": justified,
+                "gaps": gaps,
+                "rows": rows,
+            }))?
+        ),
+        OutputFormat::Text => {
+            for r in &rows {
+                let what = match r.status {
+                    "covered" => r.controls.join(", "),
+                    "justified" => format!("n/a: {}", r.reason.unwrap_or_default()),
+                    _ => "GAP".to_string(),
+                };
+                println!("{:<16} {:<9} {what}", r.id, r.status);
+            }
+            println!(
+                "{}: {} items, {covered} covered, {justified} justified, {gaps} gaps",
+                a.source,
+                rows.len()
+            );
+        }
+    }
+    Ok(if gaps == 0 { 0 } else { 1 })
+}
+
+fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
+    let catalog = a.select.catalog()?;
     let target = match &a.root {
         Some(dir) => Target::root(dir)?,
         None => Target::live(),
     };
-    let roles = (!a.roles.is_empty()).then(|| a.roles.clone());
-    let ctx = ScanContext::detect(&target, roles);
+    let ctx = ScanContext::detect(&target, a.select.roles());
     let report = scan::run(
         &catalog,
         &target,
         &ctx,
         &Selection {
-            ids: a.controls.clone(),
+            ids: a.select.controls.clone(),
+            benchmark: a.benchmark,
         },
     );
     let text = match a.format {
@@ -525,7 +761,7 @@ fn stages(a: StagesArgs) -> Result<i32> {
                             "title": c.title,
                             "severity": c.severity,
                             "refs": c.refs,
-                            "scope": c.scope,
+                            "when": c.when,
                             "check": c.check.describe(),
                         })).collect::<Vec<_>>(),
                     })
@@ -543,11 +779,11 @@ fn stages(a: StagesArgs) -> Result<i32> {
                 };
                 println!("{}{when}: {} controls", s.dir_name, s.controls.len());
                 for c in &s.controls {
-                    let faq = c
-                        .refs
-                        .get("faq")
-                        .map(|f| format!(" (FAQ {})", f.join(", ")))
-                        .unwrap_or_default();
+                    let faq = if c.refs.faq.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (FAQ {})", c.refs.faq.join(", "))
+                    };
                     println!("  {:<30} {:<6} {}{faq}", c.id, c.severity.as_str(), c.title);
                 }
                 total += s.controls.len();

@@ -1296,7 +1296,7 @@ mod tests {
             "{cfg}"
         );
         let linux = format!(
-            "root=UUID={} ro console=tty1 console=ttyS0,115200n8 audit=1 audit_backlog_limit=8192\n",
+            "root=UUID={} ro console=tty1 console=ttyS0,115200n8 audit=1 audit_backlog_limit=8192 apparmor=1 security=apparmor\n",
             plan.root().fs_uuid
         );
         assert!(cfg.contains(&linux), "{cfg}");

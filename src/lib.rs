@@ -5,6 +5,7 @@
 //! Each phase lives in its own module; [`pipeline`] strings them together.
 
 pub mod assets;
+pub mod benchmarks;
 pub mod bootstrap;
 pub mod boshagent;
 pub mod cache;

@@ -143,7 +143,8 @@ fn apply_one(chroot: &Chroot, stage: &Stage, users: &Users, applied: &mut Applie
         }
         write_config(
             &t,
-            &format!("/etc/sysctl.d/60-stemforge-{}.conf", stage.name),
+            // 99-: after systemd's 99-protect-links.conf, which would win otherwise.
+            &format!("/etc/sysctl.d/99-stemforge-{}.conf", stage.name),
             &text,
         )?;
     }

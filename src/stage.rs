@@ -59,6 +59,32 @@ pub struct When {
     /// Applies to these distros or codenames (empty: all).
     #[serde(default)]
     pub os: Vec<String>,
+    /// Applies to these releases (`VERSION_ID`: `12`, `22.04`; empty: all).
+    #[serde(default)]
+    pub version: Vec<String>,
+    /// Where it can be checked: offline on a tree or image, live on a
+    /// running system, or both (the default).
+    #[serde(default, skip_serializing_if = "TargetMode::is_any")]
+    pub target: TargetMode,
+}
+
+/// Offline, live or both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetMode {
+    #[default]
+    Any,
+    /// A property of the shipped image (no SSH host keys, an empty
+    /// machine-id): true of the file, not of a booted system.
+    Offline,
+    /// Only a running system can show it (listening sockets).
+    Live,
+}
+
+impl TargetMode {
+    fn is_any(&self) -> bool {
+        *self == TargetMode::Any
+    }
 }
 
 impl When {
@@ -66,6 +92,29 @@ impl When {
         let role_ok = self.roles.is_empty() || self.roles.iter().any(|r| roles.contains(r));
         let os_ok = self.os.is_empty() || self.os.iter().any(|o| o == distro || o == codename);
         role_ok && os_ok
+    }
+
+    /// Whether it applies to `ctx`, and why not when it does not.
+    pub fn applies(&self, ctx: &crate::scan::ScanContext, live: bool) -> Result<(), String> {
+        if !self.matches(&ctx.distro, &ctx.codename, &ctx.roles)
+            || !(self.version.is_empty() || self.version.contains(&ctx.version))
+        {
+            return Err(format!(
+                "applies to {}; this target is {} {} {} with roles [{}]",
+                self.describe(),
+                ctx.distro,
+                ctx.codename,
+                ctx.version,
+                ctx.roles.join(", ")
+            ));
+        }
+        match (self.target, live) {
+            (TargetMode::Offline, true) => {
+                Err("a property of the shipped image; checked offline".into())
+            }
+            (TargetMode::Live, false) => Err("only a running system shows it".into()),
+            _ => Ok(()),
+        }
     }
 
     /// Why a stage does not apply, for reports.
@@ -76,6 +125,14 @@ impl When {
         }
         if !self.os.is_empty() {
             p.push(format!("os {}", self.os.join("|")));
+        }
+        if !self.version.is_empty() {
+            p.push(format!("version {}", self.version.join("|")));
+        }
+        match self.target {
+            TargetMode::Any => {}
+            TargetMode::Offline => p.push("offline targets".into()),
+            TargetMode::Live => p.push("live targets".into()),
         }
         if p.is_empty() {
             "always".into()
@@ -161,16 +218,76 @@ impl Severity {
     }
 }
 
-/// Where a control can be evaluated.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Scope {
-    /// Offline and live.
-    #[default]
-    Any,
-    /// A property of the shipped image (no SSH host keys, empty
-    /// machine-id): true of the file, not of a booted system.
-    Image,
+/// A control's references, as reports carry them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Refs {
+    /// Stemcell hardening FAQ items (`4.8.14`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faq: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stig: Vec<crate::benchmarks::StigRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cis: Vec<crate::benchmarks::CisRef>,
+}
+
+/// `refs:` as written: FAQ item numbers, STIG rule versions
+/// (`UBTU-22-255040`) and CIS recommendations by benchmark
+/// (`ubuntu2204-v2.0.0:5.2.10`); the loader expands them from the tables
+/// in `benchmarks/` and refuses an id they do not hold.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefsFile {
+    #[serde(default)]
+    faq: Vec<String>,
+    #[serde(default)]
+    stig: Vec<String>,
+    #[serde(default)]
+    cis: Vec<String>,
+}
+
+impl RefsFile {
+    fn resolve(self) -> Result<Refs, (&'static str, String)> {
+        let b = crate::benchmarks::get();
+        for id in &self.faq {
+            if !b.faq(id) {
+                return Err((
+                    "refs.faq",
+                    format!("`{id}` is no item of the FAQ's section 4"),
+                ));
+            }
+        }
+        let stig = self
+            .stig
+            .iter()
+            .map(|v| {
+                b.stig(v).cloned().ok_or((
+                    "refs.stig",
+                    format!(
+                        "`{v}` is no rule of the Ubuntu 22.04 V2R8 or 24.04 V1R6 STIG \
+                         (benchmarks/stig-*.tsv)"
+                    ),
+                ))
+            })
+            .collect::<Result<_, _>>()?;
+        let cis = self
+            .cis
+            .iter()
+            .map(|k| {
+                b.cis(k).cloned().ok_or((
+                    "refs.cis",
+                    format!(
+                        "`{k}` is no Server recommendation of benchmarks/cis-ubuntu.tsv \
+                         (write BENCHMARK:ID, as in ubuntu2204-v2.0.0:5.2.10)"
+                    ),
+                ))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Refs {
+            faq: self.faq,
+            stig,
+            cis,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -178,11 +295,18 @@ pub struct Control {
     pub id: String,
     pub title: String,
     pub severity: Severity,
-    /// `faq: ["4.8.14"]`, `stig: [...]`, `cis: [...]`.
-    pub refs: BTreeMap<String, Vec<String>>,
-    pub description: String,
-    pub scope: Scope,
+    /// The FAQ items, STIG rules and CIS recommendations it answers.
+    pub refs: Refs,
+    /// Why it matters.
+    pub rationale: String,
+    /// How an image comes to meet it (default: the stage that declares it).
+    pub fix: String,
+    /// Where it applies (with its stage's `when`).
+    pub when: When,
     pub check: Check,
+    /// How to break it: the mutations of a hardened tree that must make
+    /// it fail (`stemforge prove`).
+    pub breaks: Vec<crate::scan::breaks::Mutation>,
     /// The stage that declares it (`sshd`).
     pub stage: String,
 }
@@ -241,13 +365,21 @@ struct ControlFile {
     title: String,
     severity: Severity,
     #[serde(default)]
-    refs: BTreeMap<String, Vec<String>>,
+    refs: RefsFile,
     #[serde(default)]
-    description: String,
+    rationale: String,
     #[serde(default)]
-    scope: Scope,
+    fix: String,
+    #[serde(default)]
+    when: When,
     #[serde(deserialize_with = "crate::scan::check::deserialize_check")]
     check: Check,
+    #[serde(
+        default,
+        rename = "break",
+        deserialize_with = "crate::scan::breaks::deserialize"
+    )]
+    breaks: Vec<crate::scan::breaks::Mutation>,
 }
 
 /// Where the catalog comes from.
@@ -609,28 +741,33 @@ fn build_stage(
         if c.title.trim().is_empty() {
             return Err(cerr("title", "a control needs a title".into()));
         }
-        for (kind, ids) in &c.refs {
-            if !["faq", "stig", "cis", "srg", "cce", "nist"].contains(&kind.as_str()) {
-                return Err(cerr(
-                    "refs",
-                    format!("unknown reference kind `{kind}` (faq, stig, cis, srg, cce, nist)"),
-                ));
-            }
-            if ids.is_empty() {
-                return Err(cerr("refs", format!("`{kind}` lists no references")));
-            }
-        }
+        let refs = c.refs.resolve().map_err(|(key, msg)| {
+            // Point at the control's own `refs:` line.
+            let at = line.and_then(|l| locate(text, r"^\s+refs:", l));
+            ConfigError::new(yml, msg)
+                .with_line(at.or(line))
+                .with_key(format!("controls[{i}].{key}"))
+        })?;
         c.check
             .validate()
             .map_err(|m| cerr("check", format!("{} check: {m}", c.check.kind())))?;
+        for m in &c.breaks {
+            m.validate().map_err(|msg| cerr("break", msg))?;
+        }
         controls.push(Control {
             id: c.id,
             title: c.title,
             severity: c.severity,
-            refs: c.refs,
-            description: c.description,
-            scope: c.scope,
+            refs,
+            rationale: c.rationale,
+            fix: if c.fix.is_empty() {
+                format!("applied by stage {dir}: {}", file.summary)
+            } else {
+                c.fix
+            },
+            when: c.when,
             check: c.check,
+            breaks: c.breaks,
             stage: file.name.clone(),
         });
     }
@@ -696,23 +833,30 @@ mod tests {
     }
 
     #[test]
-    fn every_control_traces_to_the_faq_or_says_why_not() {
+    fn every_control_traces_to_a_reference_or_says_why() {
         let c = Catalog::load(&StageSource::Embedded).unwrap();
-        let re = regex::Regex::new(r"^4\.\d+(\.\d+)?$").unwrap();
         for (_, ctl) in c.controls() {
-            match ctl.refs.get("faq") {
-                Some(ids) => {
-                    for id in ids {
-                        assert!(re.is_match(id), "{}: faq ref `{id}`", ctl.id);
-                    }
-                }
-                None => assert!(
-                    ctl.scope == Scope::Image || !ctl.description.is_empty(),
-                    "{}: no faq reference and no description saying where it comes from",
-                    ctl.id
-                ),
-            }
+            let r = &ctl.refs;
+            assert!(
+                !(r.faq.is_empty() && r.stig.is_empty() && r.cis.is_empty())
+                    || ctl.when.target == TargetMode::Offline
+                    || !ctl.rationale.is_empty(),
+                "{}: no reference and no rationale saying where it comes from",
+                ctl.id
+            );
         }
+    }
+
+    #[test]
+    fn every_shipped_control_has_a_break_recipe() {
+        // `stemforge prove` applies them to a built tree (tests/e2e.rs).
+        let c = Catalog::load(&StageSource::Embedded).unwrap();
+        let missing: Vec<&str> = c
+            .controls()
+            .filter(|(_, ctl)| ctl.breaks.is_empty())
+            .map(|(_, ctl)| ctl.id.as_str())
+            .collect();
+        assert!(missing.is_empty(), "no `break:` recipe: {missing:?}");
     }
 
     #[test]
@@ -781,23 +925,78 @@ mod tests {
             "10-demo",
             &OK.replace("faq: [\"4.10.1\"]", "faqs: [\"4.10.1\"]"),
         );
-        assert!(e.message.contains("unknown reference kind"), "{e}");
+        assert!(e.message.contains("unknown field `faqs`"), "{e}");
+        // References are checked against the benchmark tables.
+        let e = load_err("10-demo", &OK.replace("\"4.10.1\"", "\"4.12.1\""));
+        assert_eq!(e.key.as_deref(), Some("controls[0].refs.faq"));
+        assert_eq!(e.line, Some(9), "the refs line");
+        let e = load_err(
+            "10-demo",
+            &OK.replace("refs: {", "refs: { stig: [UBTU-22-999999], "),
+        );
+        assert!(e.message.contains("`UBTU-22-999999` is no rule"), "{e}");
+        let e = load_err(
+            "10-demo",
+            &OK.replace("refs: {", "refs: { cis: [\"5.2.10\"], "),
+        );
+        assert!(e.message.contains("BENCHMARK:ID"), "{e}");
+        let ok = OK.replace(
+            "refs: {",
+            "refs: { stig: [UBTU-22-211015], cis: [\"ubuntu2404-v1.0.0:1.1.1.1\"], ",
+        );
+        let d = tempfile::tempdir().unwrap();
+        write_stage(d.path(), "10-demo", &ok);
+        let c = Catalog::load(&StageSource::Dir(d.path().into())).unwrap();
+        let (_, ctl) = c.controls().next().unwrap();
+        assert_eq!(ctl.refs.stig[0].id, "V-260469");
+        assert_eq!(ctl.refs.cis[0].benchmark, "ubuntu2404-v1.0.0");
+        assert_eq!(ctl.fix, "applied by stage 10-demo: a demo");
     }
 
     #[test]
     fn when_matching() {
         let w = When {
             roles: vec!["docker".into()],
-            os: vec![],
+            ..Default::default()
         };
         assert!(!w.matches("debian", "bookworm", &[]));
         assert!(w.matches("debian", "bookworm", &["docker".into()]));
         let w = When {
-            roles: vec![],
             os: vec!["ubuntu".into()],
+            ..Default::default()
         };
         assert!(!w.matches("debian", "bookworm", &[]));
         assert!(w.matches("ubuntu", "noble", &[]));
         assert!(When::default().matches("x", "y", &[]));
+        let ctx = |version: &str| crate::scan::ScanContext {
+            distro: "ubuntu".into(),
+            codename: "jammy".into(),
+            version: version.into(),
+            pretty_name: String::new(),
+            roles: vec![],
+            roles_from: "none".into(),
+        };
+        let w = When {
+            version: vec!["22.04".into()],
+            target: TargetMode::Offline,
+            ..Default::default()
+        };
+        assert!(w.applies(&ctx("22.04"), false).is_ok());
+        assert!(
+            w.applies(&ctx("24.04"), false)
+                .unwrap_err()
+                .contains("version 22.04")
+        );
+        assert!(
+            w.applies(&ctx("22.04"), true)
+                .unwrap_err()
+                .contains("offline")
+        );
+        let live = When {
+            target: TargetMode::Live,
+            ..Default::default()
+        };
+        assert!(live.applies(&ctx("22.04"), false).is_err());
+        assert!(live.applies(&ctx("22.04"), true).is_ok());
     }
 }

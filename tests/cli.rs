@@ -28,6 +28,67 @@ fn profiles_and_stages_list() {
 }
 
 #[test]
+fn controls_carry_structured_references_and_the_faq_is_covered() {
+    let o = stemforge(["controls", "--format", "json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let all: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let all = all.as_array().unwrap();
+    assert!(all.len() >= 150, "{} controls", all.len());
+    for c in all {
+        assert!(
+            !c["break"].as_array().unwrap().is_empty(),
+            "{}: no break recipe",
+            c["id"]
+        );
+        assert!(c["when"].is_object(), "{}", c["id"]);
+    }
+    let from_boot = all.iter().find(|c| c["id"] == "audit-from-boot").unwrap();
+    let stig = &from_boot["refs"]["stig"][0];
+    assert_eq!(stig["version"], "UBTU-22-212015", "{stig}");
+    assert!(stig["id"].as_str().unwrap().starts_with("V-"), "{stig}");
+    assert!(stig["rule"].as_str().unwrap().starts_with("SV-"), "{stig}");
+    assert!(
+        stig["version"].as_str().unwrap().starts_with("UBTU-"),
+        "{stig}"
+    );
+    // --benchmark selects by reference.
+    let count = |b: &str| {
+        let o = stemforge(["controls", "--format", "json", "--benchmark", b]);
+        assert!(o.status.success(), "{}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v.as_array().unwrap().len()
+    };
+    let (stig, l1, l2, faq) = (
+        count("stig"),
+        count("cis-l1"),
+        count("cis-l2"),
+        count("faq"),
+    );
+    assert!(stig > 10 && stig < all.len(), "{stig}");
+    assert!(l1 > 50 && l1 <= l2 && l2 < all.len(), "{l1} {l2}");
+    assert!(faq > 100 && faq < all.len(), "{faq}");
+    // Every FAQ item is covered by a control or has its reason.
+    let o = stemforge(["coverage", "--source", "faq", "--format", "json"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["items"], 104);
+    assert_eq!(v["gaps"], 0, "{t}");
+    let rows = v["rows"].as_array().unwrap();
+    let item = |id: &str| rows.iter().find(|r| r["id"] == id).unwrap();
+    assert_eq!(item("4.8.14")["controls"][0], "sshd-no-root-login");
+    assert_eq!(item("4.7.8")["status"], "justified");
+    // A source with gaps says so in its exit code.
+    let o = stemforge(["coverage", "--source", "stig-ubuntu2204"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("stig-ubuntu2204: 188 items"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
 fn ubuntu_dry_run_prints_the_full_plan_without_network() {
     // An unroutable mirror: a dry run must not touch it.
     let t0 = std::time::Instant::now();
@@ -160,11 +221,7 @@ fn malformed_stage_exits_2_naming_file_line_key_and_writes_nothing() {
     let line = bad.lines().position(|l| l.contains("severty")).unwrap() + 1;
     assert_config_error(&run(&bad), yml.to_str().unwrap(), line, "severty");
     // An unknown check kind.
-    let bad = good.replacen(
-        "check: { sshd: { Protocol: \"2\" } }",
-        "check: { sshdd: { Protocol: \"2\" } }",
-        1,
-    );
+    let bad = good.replacen("check: { sshd: { LogLevel", "check: { sshdd: { LogLevel", 1);
     let line = bad.lines().position(|l| l.contains("sshdd")).unwrap() + 1;
     let o = run(&bad);
     assert_config_error(&o, yml.to_str().unwrap(), line, "check");
@@ -180,6 +237,19 @@ fn malformed_stage_exits_2_naming_file_line_key_and_writes_nothing() {
         .0
         + 1;
     assert_config_error(&run(&bad), yml.to_str().unwrap(), line, "id");
+    // A STIG rule the benchmark tables do not hold.
+    let bad = good.replacen(
+        "refs: { faq: [\"4.8.9\"]",
+        "refs: { stig: [UBTU-22-000000], faq: [\"4.8.9\"]",
+        1,
+    );
+    let line = bad
+        .lines()
+        .position(|l| l.contains("UBTU-22-000000"))
+        .unwrap()
+        + 1;
+    let o = run(&bad);
+    assert_config_error(&o, yml.to_str().unwrap(), line, "refs.stig");
     assert!(!out.exists(), "the output directory was created");
 }
 

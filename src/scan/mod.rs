@@ -2,6 +2,7 @@
 //! target (a root tree or the live host) and writes the report that CI
 //! systems and accreditation teams read.
 
+pub mod breaks;
 pub mod check;
 pub mod expect;
 pub mod kinds;
@@ -11,10 +12,9 @@ pub mod target;
 pub mod users;
 pub mod view;
 
-use crate::stage::{Catalog, Scope, Severity};
+use crate::stage::{Catalog, Refs, Severity};
 use outcome::{Outcome, Status};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 use std::time::Instant;
 use target::Target;
 
@@ -91,7 +91,7 @@ pub struct ControlResult {
     pub title: String,
     pub severity: Severity,
     pub stage: String,
-    pub refs: BTreeMap<String, Vec<String>>,
+    pub refs: Refs,
     pub check: String,
     pub status: Status,
     pub evidence: Vec<String>,
@@ -149,6 +149,37 @@ impl Report {
 pub struct Selection {
     /// Only these control ids (empty: all).
     pub ids: Vec<String>,
+    /// Only the controls that answer this benchmark.
+    pub benchmark: Benchmark,
+}
+
+/// `scan --benchmark`: which reference a control must carry to run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Benchmark {
+    /// Every control.
+    #[default]
+    All,
+    /// Controls with a DISA STIG rule.
+    Stig,
+    /// Controls with a CIS Level 1 Server recommendation.
+    CisL1,
+    /// Controls with a CIS Level 1 or Level 2 Server recommendation.
+    CisL2,
+    /// Controls with a stemcell hardening FAQ item.
+    Faq,
+}
+
+impl Benchmark {
+    pub fn selects(self, refs: &Refs) -> bool {
+        match self {
+            Benchmark::All => true,
+            Benchmark::Stig => !refs.stig.is_empty(),
+            Benchmark::CisL1 => refs.cis.iter().any(|c| c.level == 1),
+            Benchmark::CisL2 => !refs.cis.is_empty(),
+            Benchmark::Faq => !refs.faq.is_empty(),
+        }
+    }
 }
 
 /// Evaluate the catalog against `target`.
@@ -162,19 +193,17 @@ pub fn run(catalog: &Catalog, target: &Target, ctx: &ScanContext, sel: &Selectio
         if !sel.ids.is_empty() && !sel.ids.contains(&control.id) {
             continue;
         }
-        let outcome = if !stage.when.matches(&ctx.distro, &ctx.codename, &ctx.roles) {
-            Outcome::na(format!(
-                "stage {} applies to {}; this target is {} {} with roles [{}]",
-                stage.name,
-                stage.when.describe(),
-                ctx.distro,
-                ctx.codename,
-                ctx.roles.join(", ")
-            ))
-        } else if control.scope == Scope::Image && target.is_live() {
-            Outcome::na("a property of the shipped image; checked offline")
-        } else {
-            control.check.eval(target)
+        if !sel.benchmark.selects(&control.refs) {
+            continue;
+        }
+        let live = target.is_live();
+        let outcome = match stage
+            .when
+            .applies(ctx, live)
+            .and_then(|()| control.when.applies(ctx, live))
+        {
+            Err(why) => Outcome::na(why),
+            Ok(()) => control.check.eval(target),
         };
         results.push(ControlResult {
             id: control.id.clone(),

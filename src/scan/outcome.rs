@@ -82,6 +82,16 @@ impl Findings {
     pub fn check(&mut self, passed: bool, e: impl Into<String>) {
         if passed { self.ok(e) } else { self.bad(e) }
     }
+    /// A rule whose offenders are listed: `ok` when there are none, or
+    /// `what: a, b` naming them.
+    pub fn none_of(&mut self, offenders: &[String], ok: impl Into<String>, what: &str) {
+        if offenders.is_empty() {
+            self.ok(ok);
+        } else {
+            self.bad(format!("{what}: {}", offenders.join(", ")));
+        }
+    }
+
     pub fn has_failed(&self) -> bool {
         self.failed
     }

@@ -41,7 +41,7 @@ type Read = Result<Arc<str>, (io::ErrorKind, String)>;
 struct Cache {
     files: Mutex<HashMap<String, Read>>,
     commands: Mutex<HashMap<String, Result<exec::Output, String>>>,
-    facts: Mutex<HashMap<&'static str, Shared>>,
+    facts: Mutex<HashMap<String, Shared>>,
     bytes: AtomicU64,
     /// How many reads and commands the cache answered (for tests).
     hits: AtomicU64,
@@ -201,11 +201,7 @@ impl Target {
 
     /// A fact derived from what the target holds (a parsed configuration,
     /// say), made by `make` once per scan and shared after.
-    pub fn fact<T: Send + Sync + 'static>(
-        &self,
-        key: &'static str,
-        make: impl FnOnce() -> T,
-    ) -> Arc<T> {
+    pub fn fact<T: Send + Sync + 'static>(&self, key: &str, make: impl FnOnce() -> T) -> Arc<T> {
         let Some(cache) = &self.cache else {
             return Arc::new(make());
         };
@@ -221,7 +217,7 @@ impl Target {
             .facts
             .lock()
             .expect("cache lock")
-            .insert(key, made.clone() as Shared);
+            .insert(key.to_string(), made.clone() as Shared);
         made
     }
 

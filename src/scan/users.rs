@@ -18,6 +18,8 @@ pub struct PasswdEntry {
 pub struct Users {
     pub users: Vec<PasswdEntry>,
     pub groups: BTreeMap<String, (u32, Vec<String>)>,
+    /// Group names /etc/group lists more than once.
+    pub duplicate_groups: Vec<String>,
 }
 
 impl Users {
@@ -52,22 +54,28 @@ impl Users {
                 })
             })
             .collect();
-        let groups = group
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                if f.len() < 4 {
-                    return None;
-                }
-                let members = f[3]
-                    .split(',')
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                Some((f[0].to_string(), (f[2].parse().ok()?, members)))
-            })
-            .collect();
-        Users { users, groups }
+        let mut groups = BTreeMap::new();
+        let mut duplicate_groups = Vec::new();
+        for l in group.lines() {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 4 {
+                continue;
+            }
+            let members = f[3]
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect();
+            let Ok(gid) = f[2].parse() else { continue };
+            if groups.insert(f[0].to_string(), (gid, members)).is_some() {
+                duplicate_groups.push(f[0].to_string());
+            }
+        }
+        Users {
+            users,
+            groups,
+            duplicate_groups,
+        }
     }
 
     pub fn uid_of(&self, name: &str) -> Option<u32> {

@@ -34,6 +34,9 @@ pub struct FileCheck {
     pub not_matches: Vec<String>,
     /// No content other than blank lines and `#` comments.
     pub empty: Option<bool>,
+    /// Every line that is not blank or a `#` comment is one of these
+    /// (an allow list such as /etc/cron.allow).
+    pub only_lines: Option<Vec<String>>,
 }
 
 impl FileCheck {
@@ -89,6 +92,9 @@ impl FileCheck {
         if self.empty == Some(true) {
             parts.push("empty".into());
         }
+        if let Some(only) = &self.only_lines {
+            parts.push(format!("only lines [{}]", only.join(", ")));
+        }
         parts.join(", ")
     }
 
@@ -137,6 +143,7 @@ impl FileCheck {
             || !self.matches.is_empty()
             || !self.not_matches.is_empty()
             || self.empty.is_some()
+            || self.only_lines.is_some()
     }
 
     /// Mode, owner, group and kind of one path; returns its text when
@@ -263,6 +270,18 @@ impl FileCheck {
             match find(&|l: &str| r.is_match(l)) {
                 Some(at) => f.bad(format!("{at} (matches /{re}/)")),
                 None => f.ok(format!("{names}: no line matches /{re}/")),
+            }
+        }
+        if let Some(only) = &self.only_lines {
+            for (p, text) in texts {
+                let other = text.lines().enumerate().find(|(_, l)| {
+                    let t = l.trim();
+                    !t.is_empty() && !t.starts_with('#') && !only.iter().any(|o| o == t)
+                });
+                match other {
+                    None => f.ok(format!("{p}: only [{}]", only.join(", "))),
+                    Some((i, l)) => f.bad(format!("{p}:{}: {} is not allowed", i + 1, clip(l))),
+                }
             }
         }
         if self.empty == Some(true) {

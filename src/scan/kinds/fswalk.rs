@@ -40,7 +40,7 @@ const PSEUDO_FS: &[&str] = &[
 ];
 const SHOWN: usize = 20;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FsWalkCheck {
     #[serde(default)]
@@ -51,6 +51,13 @@ pub struct FsWalkCheck {
     pub suid_sgid_allowed: Option<Vec<String>>,
     #[serde(default)]
     pub no_unowned: bool,
+    /// Everything under these directories is owned by root and writable
+    /// by nobody else (system commands, libraries).
+    #[serde(default)]
+    pub root_only_under: Vec<String>,
+    /// With `root_only_under`: its directories are group root too.
+    #[serde(default)]
+    pub root_group_dirs: bool,
     /// In-target paths not walked.
     #[serde(default)]
     pub exclude: Vec<String>,
@@ -62,6 +69,7 @@ impl FsWalkCheck {
             && !self.no_world_writable_files
             && self.suid_sgid_allowed.is_none()
             && !self.no_unowned
+            && self.root_only_under.is_empty()
         {
             return Err("enable at least one rule".into());
         }
@@ -69,6 +77,7 @@ impl FsWalkCheck {
             .exclude
             .iter()
             .chain(self.suid_sgid_allowed.iter().flatten())
+            .chain(&self.root_only_under)
         {
             if !e.starts_with('/') {
                 return Err(format!("`{e}` must be an absolute path"));
@@ -91,31 +100,30 @@ impl FsWalkCheck {
         if self.no_unowned {
             p.push("every file has a known owner and group".to_string());
         }
+        if !self.root_only_under.is_empty() {
+            p.push(format!(
+                "under {}: owned by root{}, writable by root only",
+                self.root_only_under.join(", "),
+                if self.root_group_dirs {
+                    " (directories group root)"
+                } else {
+                    ""
+                }
+            ));
+        }
         p.join("; ")
     }
 
     pub fn eval(&self, t: &Target) -> Outcome {
-        let mut skip: BTreeSet<String> = ALWAYS_SKIPPED
-            .iter()
-            .map(|s| s.to_string())
-            .chain(self.exclude.iter().cloned())
-            .collect();
-        if t.is_live() {
-            match t.read_to_string("/proc/self/mountinfo") {
-                Ok(text) => {
-                    for m in super::mount::parse_mountinfo(&text) {
-                        if PSEUDO_FS.contains(&m.fstype.as_str()) || m.fstype.starts_with("fuse.") {
-                            skip.insert(m.mount);
-                        }
-                    }
-                }
-                Err(e) => return Outcome::error(format!("reading /proc/self/mountinfo: {e}")),
-            }
-        }
-        let loaded = Users::load(t);
-        let users = match loaded.as_ref() {
-            Ok(u) => u,
-            Err(e) => return Outcome::error(format!("reading users: {e}")),
+        let walked = t.fact("fs walk", || walk(t));
+        let w = match walked.as_ref() {
+            Ok(w) => w,
+            Err(e) => return Outcome::error(e.clone()),
+        };
+        let excluded = |path: &str| {
+            self.exclude.iter().any(|e| {
+                path == e || (path.starts_with(e.as_str()) && path[e.len()..].starts_with('/'))
+            })
         };
         let allowed: Option<BTreeSet<String>> = self.suid_sgid_allowed.as_ref().map(|list| {
             list.iter()
@@ -126,59 +134,60 @@ impl FsWalkCheck {
         let mut ww_files = Vec::new();
         let mut setid_bad = Vec::new();
         let mut unowned = Vec::new();
-        let mut unreadable = Vec::new();
-        let mut walked = 0usize;
-        let mut stack = vec![String::from("/")];
-        while let Some(dir) = stack.pop() {
-            let entries = match t.read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) => {
-                    unreadable.push(format!("{dir} ({e})"));
-                    continue;
-                }
-            };
-            for (name, md) in entries {
-                let path = if dir == "/" {
-                    format!("/{name}")
-                } else {
-                    format!("{dir}/{name}")
-                };
-                if skip.contains(&path) {
-                    continue;
-                }
-                walked += 1;
-                let mode = md.mode;
-                if md.is_dir() {
-                    if self.sticky_world_writable_dirs && mode & 0o002 != 0 && mode & 0o1000 == 0 {
-                        sticky_bad.push(format!("{path} ({mode:04o})"));
-                    }
-                    stack.push(path.clone());
-                } else if md.is_file() {
-                    if self.no_world_writable_files && mode & 0o002 != 0 {
-                        ww_files.push(format!("{path} ({mode:04o})"));
-                    }
-                    if let Some(allowed) = &allowed {
-                        if mode & 0o6000 != 0 && !allowed.contains(&path) {
-                            setid_bad.push(format!("{path} ({mode:04o})"));
-                        }
-                    }
-                }
-                if self.no_unowned
-                    && !md.is_symlink()
-                    && (!users.has_uid(md.uid) || !users.has_gid(md.gid))
+        let mut not_root_only = Vec::new();
+        let under = |path: &str| {
+            self.root_only_under
+                .iter()
+                .any(|d| path.starts_with(d.as_str()) && path[d.len()..].starts_with('/'))
+        };
+        for e in w.flagged.iter().filter(|e| !excluded(&e.path)) {
+            if under(&e.path) && !e.meta.is_symlink() {
+                let m = &e.meta;
+                if m.uid != 0
+                    || m.mode & 0o022 != 0
+                    || (self.root_group_dirs && m.is_dir() && m.gid != 0)
                 {
-                    unowned.push(format!("{path} ({}:{})", md.uid, md.gid));
+                    not_root_only.push(format!("{} ({}:{} {:04o})", e.path, m.uid, m.gid, m.mode));
                 }
             }
+            let (path, mode) = (&e.path, e.meta.mode);
+            if e.meta.is_dir() {
+                if self.sticky_world_writable_dirs && mode & 0o002 != 0 && mode & 0o1000 == 0 {
+                    sticky_bad.push(format!("{path} ({mode:04o})"));
+                }
+            } else if e.meta.is_file() {
+                if self.no_world_writable_files && mode & 0o002 != 0 {
+                    ww_files.push(format!("{path} ({mode:04o})"));
+                }
+                if let Some(allowed) = &allowed {
+                    if mode & 0o6000 != 0 && !allowed.contains(path) {
+                        setid_bad.push(format!("{path} ({mode:04o})"));
+                    }
+                }
+            }
+            if self.no_unowned && e.unowned {
+                unowned.push(format!("{path} ({}:{})", e.meta.uid, e.meta.gid));
+            }
         }
+        let unreadable: Vec<&String> = w.unreadable.iter().filter(|d| !excluded(d)).collect();
+        let walked = w.walked;
         // A directory that could not be read may hide anything: that is
         // never a pass.
         if !unreadable.is_empty() {
-            unreadable.sort();
             return Outcome::error(format!(
                 "{} directories could not be read: {}",
                 unreadable.len(),
-                unreadable[..unreadable.len().min(SHOWN)].join(", ")
+                unreadable[..unreadable.len().min(SHOWN)]
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if w.truncated {
+            return Outcome::error(format!(
+                "more than {MAX_FLAGGED} files are world-writable, set-id or unowned: \
+                 not a tree to judge file by file"
             ));
         }
         let mut f = Findings::new();
@@ -223,8 +232,99 @@ impl FsWalkCheck {
             "files with an unknown owner or group",
             &mut unowned,
         );
+        report(
+            !self.root_only_under.is_empty(),
+            "files or directories others own or can write",
+            &mut not_root_only,
+        );
         f.finish()
     }
+}
+
+/// A file the walk noted: writable by others, set-id, or not root's.
+struct Flagged {
+    path: String,
+    meta: crate::scan::view::Meta,
+    unowned: bool,
+}
+
+/// One walk of the whole tree, shared by every `fs_walk` control of a
+/// scan. Only the files some rule may report are kept, at most
+/// [`MAX_FLAGGED`], so memory stays bounded on any tree.
+struct Walk {
+    flagged: Vec<Flagged>,
+    unreadable: Vec<String>,
+    walked: usize,
+    truncated: bool,
+}
+
+const MAX_FLAGGED: usize = 100_000;
+
+fn walk(t: &Target) -> Result<Walk, String> {
+    let mut skip: BTreeSet<String> = ALWAYS_SKIPPED.iter().map(|s| s.to_string()).collect();
+    if t.is_live() {
+        let text = t
+            .read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("reading /proc/self/mountinfo: {e}"))?;
+        for m in super::mount::parse_mountinfo(&text) {
+            if PSEUDO_FS.contains(&m.fstype.as_str()) || m.fstype.starts_with("fuse.") {
+                skip.insert(m.mount);
+            }
+        }
+    }
+    let loaded = Users::load(t);
+    let users = loaded
+        .as_ref()
+        .as_ref()
+        .map_err(|e| format!("reading users: {e}"))?;
+    let mut w = Walk {
+        flagged: Vec::new(),
+        unreadable: Vec::new(),
+        walked: 0,
+        truncated: false,
+    };
+    let mut stack = vec![String::from("/")];
+    while let Some(dir) = stack.pop() {
+        let entries = match t.read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) => {
+                w.unreadable.push(format!("{dir} ({e})"));
+                continue;
+            }
+        };
+        for (name, md) in entries {
+            let path = if dir == "/" {
+                format!("/{name}")
+            } else {
+                format!("{dir}/{name}")
+            };
+            if skip.contains(&path) {
+                continue;
+            }
+            w.walked += 1;
+            let unowned = !md.is_symlink() && (!users.has_uid(md.uid) || !users.has_gid(md.gid));
+            // Only what some rule may report is kept: world- or
+            // group-writable, set-id, unowned, or not root's.
+            let interesting = !md.is_symlink()
+                && (md.mode & 0o6022 != 0 || unowned || md.uid != 0 || md.gid != 0);
+            if md.is_dir() {
+                stack.push(path.clone());
+            }
+            if interesting {
+                if w.flagged.len() == MAX_FLAGGED {
+                    w.truncated = true;
+                } else {
+                    w.flagged.push(Flagged {
+                        path,
+                        meta: md,
+                        unowned,
+                    });
+                }
+            }
+        }
+    }
+    w.unreadable.sort();
+    Ok(w)
 }
 
 crate::register_kind!("fs_walk", FsWalkCheck);
@@ -257,8 +357,7 @@ mod tests {
             sticky_world_writable_dirs: true,
             no_world_writable_files: true,
             suid_sgid_allowed: Some(vec!["/bin/su".into()]),
-            no_unowned: false,
-            exclude: vec![],
+            ..Default::default()
         };
         let o = c.eval(&t);
         assert_eq!(o.status, Status::Pass, "{o:?}");
@@ -271,5 +370,20 @@ mod tests {
         assert!(text.contains("/usr/bin/mount (4755)"), "{text}");
         assert!(text.contains("/var/tmp (0777)"), "{text}");
         assert!(!text.contains("/proc"), "{text}");
+        // Root-only trees: a group-writable command, a directory of
+        // another group.
+        let c = FsWalkCheck {
+            root_only_under: vec!["/usr/bin".into()],
+            root_group_dirs: true,
+            ..Default::default()
+        };
+        let fresh = || c.eval(&Target::root(r).unwrap());
+        if unsafe { libc::geteuid() } == 0 {
+            assert_eq!(fresh().status, Status::Pass, "{:?}", fresh());
+        }
+        fs::set_permissions(r.join("usr/bin/mount"), fs::Permissions::from_mode(0o775)).unwrap();
+        let o = fresh();
+        assert_eq!(o.status, Status::Fail);
+        assert!(o.evidence.join("\n").contains("/usr/bin/mount"), "{o:?}");
     }
 }

@@ -3,14 +3,19 @@
 //! system), and always returns the evidence that decided.
 
 pub mod accounts;
+pub mod apparmor;
 pub mod audit;
+pub mod cmdline;
 pub mod file;
 pub mod fswalk;
 pub mod kmod;
 pub mod kv;
 pub mod mount;
 pub mod package;
+pub mod pam;
+pub mod path;
 pub mod service;
+pub mod sockets;
 pub mod sshd;
 pub mod sysctl;
 
@@ -22,14 +27,19 @@ mod tests {
     fn kinds_read_only_through_the_target() {
         let sources = [
             ("accounts.rs", include_str!("accounts.rs")),
+            ("apparmor.rs", include_str!("apparmor.rs")),
             ("audit.rs", include_str!("audit.rs")),
+            ("cmdline.rs", include_str!("cmdline.rs")),
             ("file.rs", include_str!("file.rs")),
             ("fswalk.rs", include_str!("fswalk.rs")),
             ("kmod.rs", include_str!("kmod.rs")),
             ("kv.rs", include_str!("kv.rs")),
             ("mount.rs", include_str!("mount.rs")),
             ("package.rs", include_str!("package.rs")),
+            ("pam.rs", include_str!("pam.rs")),
+            ("path.rs", include_str!("path.rs")),
             ("service.rs", include_str!("service.rs")),
+            ("sockets.rs", include_str!("sockets.rs")),
             ("sshd.rs", include_str!("sshd.rs")),
             ("sysctl.rs", include_str!("sysctl.rs")),
         ];

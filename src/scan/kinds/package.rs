@@ -17,17 +17,29 @@ pub struct PackageCheck {
     /// Names that must be installed.
     #[serde(default)]
     pub present: Vec<String>,
+    /// Packages that must be installed at this Debian version or later
+    /// (`openssh-server: "1:7.4"`), compared as dpkg compares them.
+    #[serde(default)]
+    pub min_versions: std::collections::BTreeMap<String, String>,
 }
 
 /// Names of the packages dpkg considers installed.
 pub fn installed(status: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
+    installed_versions(status).into_keys().collect()
+}
+
+/// The packages dpkg considers installed, with their versions.
+pub fn installed_versions(status: &str) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
     for para in status.split("\n\n") {
         let mut name = None;
+        let mut version = String::new();
         let mut ok = false;
         for l in para.lines() {
             if let Some(v) = l.strip_prefix("Package: ") {
                 name = Some(v.trim().to_string());
+            } else if let Some(v) = l.strip_prefix("Version: ") {
+                version = v.trim().to_string();
             } else if let Some(v) = l.strip_prefix("Status: ") {
                 let words: Vec<&str> = v.split_whitespace().collect();
                 ok = words.last() == Some(&"installed")
@@ -36,7 +48,7 @@ pub fn installed(status: &str) -> BTreeSet<String> {
             }
         }
         if let (Some(n), true) = (name, ok) {
-            out.insert(n);
+            out.insert(n, version);
         }
     }
     out
@@ -44,8 +56,12 @@ pub fn installed(status: &str) -> BTreeSet<String> {
 
 impl PackageCheck {
     pub fn validate(&self) -> Result<(), String> {
-        if self.absent.is_empty() && self.present.is_empty() {
-            return Err("list packages under `absent` or `present`".into());
+        if self.absent.is_empty() && self.present.is_empty() && self.min_versions.is_empty() {
+            return Err("list packages under `absent`, `present` or `min_versions`".into());
+        }
+        for (name, v) in &self.min_versions {
+            v.parse::<debversion::Version>()
+                .map_err(|e| format!("min_versions.{name}: `{v}` is no Debian version ({e:?})"))?;
         }
         Ok(())
     }
@@ -58,23 +74,33 @@ impl PackageCheck {
         if !self.present.is_empty() {
             parts.push(format!("packages present: {}", self.present.join(", ")));
         }
+        for (name, v) in &self.min_versions {
+            parts.push(format!("{name} >= {v}"));
+        }
         parts.join("; ")
     }
 
     pub fn eval(&self, t: &Target) -> Outcome {
-        let status = match t.read_optional(DPKG_STATUS) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Outcome::error(format!(
-                    "{DPKG_STATUS} does not exist (not a dpkg-based system)"
-                ));
-            }
-            Err(e) => return Outcome::error(format!("{DPKG_STATUS}: {e}")),
+        // The dpkg database, parsed once per scan.
+        let parsed = t.fact("dpkg status", || match t.read_optional(DPKG_STATUS) {
+            Ok(Some(s)) => Ok(installed_versions(&s)),
+            Ok(None) => Err(format!(
+                "{DPKG_STATUS} does not exist (not a dpkg-based system)"
+            )),
+            Err(e) => Err(format!("{DPKG_STATUS}: {e}")),
+        });
+        let versions = match parsed.as_ref() {
+            Ok(v) => v,
+            Err(e) => return Outcome::error(e.clone()),
         };
-        let have = installed(&status);
+        let have: BTreeSet<&String> = versions.keys().collect();
         let mut f = Findings::new();
         for pattern in &self.absent {
-            let found: Vec<&String> = have.iter().filter(|p| wildcard_match(pattern, p)).collect();
+            let found: Vec<&String> = have
+                .iter()
+                .copied()
+                .filter(|p| wildcard_match(pattern, p))
+                .collect();
             if found.is_empty() {
                 f.ok(format!("{pattern}: not installed"));
             } else {
@@ -98,6 +124,20 @@ impl PackageCheck {
                 },
             );
         }
+        for (name, min) in &self.min_versions {
+            let Some(v) = versions.get(name) else {
+                f.bad(format!("{name}: not installed"));
+                continue;
+            };
+            let (Ok(have), Ok(want)) = (
+                v.parse::<debversion::Version>(),
+                min.parse::<debversion::Version>(),
+            ) else {
+                f.err(format!("{name}: version `{v}` does not parse"));
+                continue;
+            };
+            f.check(have >= want, format!("{name} {v} (at least {min})"));
+        }
         f.finish()
     }
 }
@@ -117,6 +157,25 @@ mod tests {
         assert!(s.contains("auditd"));
         assert!(s.contains("openssh-server"));
         assert!(!s.contains("telnet"), "config-files only is not installed");
+        // Versions compare as dpkg compares them: epoch, upstream, revision.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("var/lib/dpkg")).unwrap();
+        let check = |v: &str| {
+            std::fs::write(
+                d.path().join("var/lib/dpkg/status"),
+                format!("Package: openssh-server\nStatus: install ok installed\nVersion: {v}\n"),
+            )
+            .unwrap();
+            let c: PackageCheck =
+                serde_yaml::from_str("min_versions: { openssh-server: \"1:7.4\" }").unwrap();
+            c.validate().unwrap();
+            c.eval(&Target::root(d.path()).unwrap()).status
+        };
+        use crate::scan::outcome::Status;
+        assert_eq!(check("1:9.2p1-2+deb12u3"), Status::Pass);
+        assert_eq!(check("1:7.4p1-10"), Status::Pass);
+        assert_eq!(check("1:7.3p1-1"), Status::Fail);
+        assert_eq!(check("9.9p1-1"), Status::Fail, "no epoch sorts before 1:");
     }
 
     #[test]
@@ -133,16 +192,19 @@ mod tests {
         let c = PackageCheck {
             absent: vec!["xserver-xorg*".into()],
             present: vec![],
+            min_versions: Default::default(),
         };
         assert_eq!(c.eval(&t).status, Status::Fail);
         let c = PackageCheck {
             absent: vec!["nis".into()],
             present: vec!["auditd".into()],
+            min_versions: Default::default(),
         };
         assert_eq!(c.eval(&t).status, Status::Pass);
         let c = PackageCheck {
             absent: vec![],
             present: vec!["openssh-server".into()],
+            min_versions: Default::default(),
         };
         assert_eq!(c.eval(&t).status, Status::Fail);
     }

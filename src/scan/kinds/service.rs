@@ -192,51 +192,86 @@ impl ServiceCheck {
     }
 
     fn eval_live(&self, t: &Target, unit: &str, f: &mut Findings) {
+        let loaded = t.fact("systemd units", || live_units(t));
+        let units = match loaded.as_ref() {
+            Ok(u) => u,
+            Err(e) => {
+                f.err(e.clone());
+                return;
+            }
+        };
         if self.enabled.is_some() || self.masked.is_some() {
-            match t.command("systemctl", &["is-enabled", unit]) {
-                Some(Ok(out)) => {
-                    let state = out.stdout_str().trim().to_string();
-                    let state = if state.is_empty() {
-                        "not-found".to_string()
-                    } else {
-                        state
-                    };
-                    let enabled = matches!(
-                        state.as_str(),
-                        "enabled"
-                            | "enabled-runtime"
-                            | "alias"
-                            | "indirect"
-                            | "generated"
-                            | "linked"
-                    );
-                    let masked = state.starts_with("masked");
-                    let ev = format!("systemctl is-enabled {unit}: {state}");
-                    if let Some(want) = self.enabled {
-                        f.check(enabled == want, ev.clone());
-                    }
-                    if let Some(want) = self.masked {
-                        f.check(masked == want, ev);
-                    }
-                }
-                Some(Err(e)) => f.err(format!("systemctl is-enabled {unit}: {e:#}")),
-                None => unreachable!("live"),
+            let state = units
+                .file_state
+                .get(unit)
+                .map_or("not-found", |s| s.as_str());
+            let enabled = matches!(
+                state,
+                "enabled" | "enabled-runtime" | "alias" | "indirect" | "generated" | "linked"
+            );
+            let masked = state.starts_with("masked");
+            let ev = format!("{unit}: unit file {state}");
+            if let Some(want) = self.enabled {
+                f.check(enabled == want, ev.clone());
+            }
+            if let Some(want) = self.masked {
+                f.check(masked == want, ev);
             }
         }
         if let Some(want) = self.active {
-            match t.command("systemctl", &["is-active", unit]) {
-                Some(Ok(out)) => {
-                    let state = out.stdout_str().trim().to_string();
-                    f.check(
-                        (state == "active") == want,
-                        format!("systemctl is-active {unit}: {state}"),
-                    );
-                }
-                Some(Err(e)) => f.err(format!("systemctl is-active {unit}: {e:#}")),
-                None => unreachable!("live"),
-            }
+            let state = units.active.get(unit).map_or("inactive", |s| s.as_str());
+            f.check((state == "active") == want, format!("{unit}: {state}"));
         }
     }
+}
+
+/// What systemd says of every unit, asked once per scan: unit file
+/// states (`systemctl list-unit-files`) and activity (`systemctl
+/// list-units --all`). A unit neither lists is not found and inactive.
+pub struct LiveUnits {
+    pub file_state: std::collections::HashMap<String, String>,
+    pub active: std::collections::HashMap<String, String>,
+}
+
+fn live_units(t: &Target) -> Result<LiveUnits, String> {
+    let run = |args: &[&str]| -> Result<String, String> {
+        match t.command("systemctl", args) {
+            Some(Ok(o)) if o.status.success() => Ok(o.stdout_str()),
+            Some(Ok(o)) => Err(format!(
+                "systemctl {}: exit {:?}: {}",
+                args.join(" "),
+                o.status.code(),
+                o.stderr_str().trim()
+            )),
+            Some(Err(e)) => Err(format!("systemctl {}: {e:#}", args.join(" "))),
+            None => Err("systemctl runs on live targets only".into()),
+        }
+    };
+    let files = run(&["list-unit-files", "--no-legend", "--no-pager", "--plain"])?;
+    let units = run(&[
+        "list-units",
+        "--all",
+        "--no-legend",
+        "--no-pager",
+        "--plain",
+    ])?;
+    Ok(LiveUnits {
+        file_state: files
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_string(), w.next()?.to_string()))
+            })
+            .collect(),
+        active: units
+            .lines()
+            .filter_map(|l| {
+                // UNIT LOAD ACTIVE SUB DESCRIPTION
+                let w: Vec<&str> = l.split_whitespace().collect();
+                (w.len() >= 3).then(|| (w[0].to_string(), w[2].to_string()))
+            })
+            .collect(),
+    })
 }
 
 crate::register_kind!("service", ServiceCheck);

@@ -1,0 +1,282 @@
+//! The reference documents the catalog answers to: the stemcell hardening
+//! FAQ (section 4), the DISA STIGs for Ubuntu 22.04 (V2R8) and 24.04
+//! (V1R6), and the CIS Ubuntu benchmarks (22.04 v2.0.0, 24.04 v1.0.0).
+//! Their identifiers live in `benchmarks/*.tsv` (provenance in
+//! `benchmarks/README.md`) and are compiled in: a control's reference is
+//! checked against them when the catalog loads, so no identifier can be
+//! made up, and a short reference (`UBTU-22-255040`) expands to the
+//! structured one reports carry (V- and SV- ids, benchmark, release).
+//! Items a control does not cover carry their reason in
+//! `benchmarks/coverage/SOURCE.yml`.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+/// A STIG benchmark stemforge references.
+struct StigTable {
+    /// `ubuntu2204`
+    benchmark: &'static str,
+    /// `V2R8`
+    release: &'static str,
+    /// `UBTU-22-`: the version prefix of its rules.
+    prefix: &'static str,
+    tsv: &'static str,
+}
+
+const STIGS: &[StigTable] = &[
+    StigTable {
+        benchmark: "ubuntu2204",
+        release: "V2R8",
+        prefix: "UBTU-22-",
+        tsv: include_str!("../benchmarks/stig-ubuntu2204-v2r8.tsv"),
+    },
+    StigTable {
+        benchmark: "ubuntu2404",
+        release: "V1R6",
+        prefix: "UBTU-24-",
+        tsv: include_str!("../benchmarks/stig-ubuntu2404-v1r6.tsv"),
+    },
+];
+
+const CIS_TSV: &str = include_str!("../benchmarks/cis-ubuntu.tsv");
+const FAQ_TSV: &str = include_str!("../benchmarks/faq.tsv");
+
+/// The coverage reasons, by source name.
+const COVERAGE: &[(&str, &str)] = &[
+    ("faq", include_str!("../benchmarks/coverage/faq.yml")),
+    (
+        "stig-ubuntu2204",
+        include_str!("../benchmarks/coverage/stig-ubuntu2204.yml"),
+    ),
+    (
+        "stig-ubuntu2404",
+        include_str!("../benchmarks/coverage/stig-ubuntu2404.yml"),
+    ),
+    (
+        "cis-ubuntu2204",
+        include_str!("../benchmarks/coverage/cis-ubuntu2204.yml"),
+    ),
+    (
+        "cis-ubuntu2404",
+        include_str!("../benchmarks/coverage/cis-ubuntu2404.yml"),
+    ),
+];
+
+/// A STIG rule as reports carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StigRef {
+    /// `V-260469`
+    pub id: String,
+    /// `SV-260469r991589_rule`
+    pub rule: String,
+    /// `UBTU-22-211015`
+    pub version: String,
+    /// `ubuntu2204`
+    pub benchmark: String,
+    /// `V2R8`
+    pub release: String,
+    /// DISA's category as a word: high (CAT I), medium, low.
+    pub severity: String,
+}
+
+/// A CIS recommendation as reports carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CisRef {
+    /// `5.2.10`
+    pub id: String,
+    /// The Server profile level (1 or 2).
+    pub level: u8,
+    pub profile: String,
+    /// `ubuntu2204-v2.0.0`
+    pub benchmark: String,
+    /// Automated (scored by a tool) or Manual.
+    pub automated: bool,
+}
+
+/// One item of a source document, for coverage tables.
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    pub id: String,
+    pub title: String,
+    /// STIG severity or CIS level (`l1`, `l2`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub grade: String,
+}
+
+pub struct Benchmarks {
+    stig: BTreeMap<String, StigRef>,
+    cis: BTreeMap<String, CisRef>,
+    /// Items by source name (`faq`, `stig-ubuntu2204`, `cis-ubuntu2404`).
+    items: BTreeMap<&'static str, Vec<Item>>,
+    reasons: BTreeMap<&'static str, BTreeMap<String, String>>,
+}
+
+/// The source names `coverage --source` takes.
+pub const SOURCES: &[&str] = &[
+    "faq",
+    "stig-ubuntu2204",
+    "stig-ubuntu2404",
+    "cis-ubuntu2204",
+    "cis-ubuntu2404",
+];
+
+fn rows(tsv: &'static str) -> impl Iterator<Item = Vec<&'static str>> {
+    tsv.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split('\t').collect())
+}
+
+/// The tables, parsed once. They are part of the binary and tested
+/// below, so a malformed row is a build defect, not an input error.
+pub fn get() -> &'static Benchmarks {
+    static B: OnceLock<Benchmarks> = OnceLock::new();
+    B.get_or_init(|| {
+        let mut b = Benchmarks {
+            stig: BTreeMap::new(),
+            cis: BTreeMap::new(),
+            items: BTreeMap::new(),
+            reasons: BTreeMap::new(),
+        };
+        for t in STIGS {
+            let source: &'static str = match t.benchmark {
+                "ubuntu2204" => "stig-ubuntu2204",
+                _ => "stig-ubuntu2404",
+            };
+            for r in rows(t.tsv) {
+                let stig = StigRef {
+                    version: r[0].into(),
+                    id: r[1].into(),
+                    rule: r[2].into(),
+                    severity: r[3].into(),
+                    benchmark: t.benchmark.into(),
+                    release: t.release.into(),
+                };
+                debug_assert!(stig.version.starts_with(t.prefix));
+                b.items.entry(source).or_default().push(Item {
+                    id: stig.version.clone(),
+                    title: r[4].into(),
+                    grade: stig.severity.clone(),
+                });
+                b.stig.insert(stig.version.clone(), stig);
+            }
+        }
+        for r in rows(CIS_TSV) {
+            let levels: Vec<&str> = r[2].split(',').collect();
+            let level = if levels.contains(&"l1_server") {
+                1
+            } else if levels.contains(&"l2_server") {
+                2
+            } else {
+                // Workstation-only recommendations are not for servers.
+                continue;
+            };
+            let cis = CisRef {
+                id: r[1].into(),
+                level,
+                profile: "server".into(),
+                benchmark: r[0].into(),
+                automated: r[3] == "yes",
+            };
+            let source = if r[0].starts_with("ubuntu2204") {
+                "cis-ubuntu2204"
+            } else {
+                "cis-ubuntu2404"
+            };
+            b.items.entry(source).or_default().push(Item {
+                id: cis.id.clone(),
+                title: r[4].into(),
+                grade: format!("l{level}"),
+            });
+            b.cis.insert(format!("{}:{}", r[0], r[1]), cis);
+        }
+        for r in rows(FAQ_TSV) {
+            b.items.entry("faq").or_default().push(Item {
+                id: r[0].into(),
+                title: r[1].into(),
+                grade: String::new(),
+            });
+        }
+        for (source, text) in COVERAGE {
+            let parsed: CoverageFile = serde_yaml::from_str(text)
+                .unwrap_or_else(|e| panic!("benchmarks/coverage/{source}.yml: {e}"));
+            b.reasons.insert(source, parsed.reasons);
+        }
+        b
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CoverageFile {
+    /// Item id -> why no control covers it.
+    #[serde(default)]
+    reasons: BTreeMap<String, String>,
+}
+
+impl Benchmarks {
+    /// `UBTU-22-255040` -> the structured reference.
+    pub fn stig(&self, version: &str) -> Option<&StigRef> {
+        self.stig.get(version)
+    }
+
+    /// `ubuntu2204-v2.0.0:5.2.10` -> the structured reference (Server
+    /// profile recommendations only).
+    pub fn cis(&self, key: &str) -> Option<&CisRef> {
+        self.cis.get(key)
+    }
+
+    pub fn faq(&self, id: &str) -> bool {
+        self.items["faq"].iter().any(|i| i.id == id)
+    }
+
+    /// The items of a source, in document order.
+    pub fn items(&self, source: &str) -> Option<&[Item]> {
+        self.items.get(source).map(|v| v.as_slice())
+    }
+
+    /// Why `item` of `source` has no control, when the catalog says so.
+    pub fn reason(&self, source: &str, item: &str) -> Option<&str> {
+        self.reasons.get(source)?.get(item).map(|s| s.as_str())
+    }
+
+    pub fn reasons(&self, source: &str) -> impl Iterator<Item = (&String, &String)> {
+        self.reasons.get(source).into_iter().flatten()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tables_hold_what_their_readme_says() {
+        let b = get();
+        assert_eq!(b.items("faq").unwrap().len(), 104);
+        assert_eq!(b.items("stig-ubuntu2204").unwrap().len(), 188);
+        assert_eq!(b.items("stig-ubuntu2404").unwrap().len(), 194);
+        // Server profile recommendations (workstation-only ones dropped).
+        assert!(b.items("cis-ubuntu2204").unwrap().len() > 250);
+        assert!(b.items("cis-ubuntu2404").unwrap().len() > 250);
+        let r = b.stig("UBTU-22-211015").unwrap();
+        assert_eq!(r.id, "V-260469");
+        assert!(r.rule.starts_with("SV-260469r"));
+        assert_eq!(
+            (r.benchmark.as_str(), r.release.as_str()),
+            ("ubuntu2204", "V2R8")
+        );
+        let c = b.cis("ubuntu2204-v2.0.0:1.1.1.1").unwrap();
+        assert_eq!((c.level, c.automated), (1, true));
+        assert!(b.stig("UBTU-22-999999").is_none());
+        for (source, _) in COVERAGE {
+            for (id, why) in b.reasons(source) {
+                assert!(
+                    b.items(source).unwrap().iter().any(|i| &i.id == id),
+                    "coverage/{source}.yml: `{id}` is no item of {source}"
+                );
+                assert!(why.len() > 15, "coverage/{source}.yml: `{id}`: say why");
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+# stemforge: stages/90-system. Files users create are not readable by
+# everyone.
+umask 027
