@@ -33,10 +33,10 @@ fn controls_carry_structured_references_and_the_faq_is_covered() {
     assert!(o.status.success(), "{}", text(&o));
     let all: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let all = all.as_array().unwrap();
-    assert!(all.len() >= 150, "{} controls", all.len());
+    assert!(all.len() >= 250, "{} controls", all.len());
     for c in all {
         assert!(
-            !c["break"].as_array().unwrap().is_empty(),
+            !c["break"].as_array().unwrap().is_empty() || c["when"]["control"]["target"] == "live",
             "{}: no break recipe",
             c["id"]
         );

@@ -7,6 +7,7 @@ pub mod apparmor;
 pub mod audit;
 pub mod cmdline;
 pub mod file;
+pub mod firewall;
 pub mod fswalk;
 pub mod kmod;
 pub mod kv;
@@ -31,6 +32,7 @@ mod tests {
             ("audit.rs", include_str!("audit.rs")),
             ("cmdline.rs", include_str!("cmdline.rs")),
             ("file.rs", include_str!("file.rs")),
+            ("firewall.rs", include_str!("firewall.rs")),
             ("fswalk.rs", include_str!("fswalk.rs")),
             ("kmod.rs", include_str!("kmod.rs")),
             ("kv.rs", include_str!("kv.rs")),
