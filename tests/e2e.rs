@@ -19,6 +19,20 @@ fn scan_json(root: &Path, extra: &[&str]) -> Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The ids of the controls whose `when` limits them to `target`
+/// (`offline` or `live`).
+fn controls_for(target: &str) -> Vec<Value> {
+    let o = stemforge(["controls", "--format", "json"]);
+    let controls: Value = serde_json::from_slice(&o.stdout).unwrap();
+    controls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["when"]["control"]["target"] == target)
+        .map(|c| c["id"].clone())
+        .collect()
+}
+
 fn statuses(report: &Value) -> Vec<(String, String)> {
     report["results"]
         .as_array()
@@ -55,18 +69,10 @@ fn stock_tree_fails_most_controls_and_the_built_tree_passes_all() {
     );
     assert_eq!(built["summary"]["error"], 0);
     // Everything passes but what only a running system can show.
-    let o = stemforge(["controls", "--format", "json"]);
-    let controls: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let live_only: Vec<&Value> = controls
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["when"]["control"]["target"] == "live")
-        .map(|c| &c["id"])
-        .collect();
+    let live_only = controls_for("live");
     for r in built["results"].as_array().unwrap() {
         if r["status"] != "pass" {
-            assert!(live_only.contains(&&r["id"]), "{r}");
+            assert!(live_only.contains(&r["id"]), "{r}");
             assert_eq!(r["status"], "not_applicable", "{r}");
         }
     }
@@ -664,20 +670,12 @@ fn the_built_image_boots_and_passes_every_control_live() {
     assert_eq!(scan["summary"]["fail"], 0, "{}", scan["summary"]);
     assert_eq!(scan["summary"]["error"], 0);
     // Only the controls about the shipped file are not applicable live.
-    let o = stemforge(["controls", "--format", "json"]);
-    let controls: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let offline_only: Vec<&Value> = controls
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|c| c["when"]["control"]["target"] == "offline")
-        .map(|c| &c["id"])
-        .collect();
+    let offline_only = controls_for("offline");
     assert!(offline_only.len() >= 5, "{offline_only:?}");
     for r in scan["results"].as_array().unwrap() {
         if r["status"] == "not_applicable" {
             assert!(
-                offline_only.contains(&&r["id"]),
+                offline_only.contains(&r["id"]),
                 "{} is not applicable live",
                 r["id"]
             );

@@ -6,6 +6,7 @@ pub mod accounts;
 pub mod apparmor;
 pub mod audit;
 pub mod cmdline;
+pub mod cron;
 pub mod file;
 pub mod firewall;
 pub mod fswalk;
@@ -31,6 +32,7 @@ mod tests {
             ("apparmor.rs", include_str!("apparmor.rs")),
             ("audit.rs", include_str!("audit.rs")),
             ("cmdline.rs", include_str!("cmdline.rs")),
+            ("cron.rs", include_str!("cron.rs")),
             ("file.rs", include_str!("file.rs")),
             ("firewall.rs", include_str!("firewall.rs")),
             ("fswalk.rs", include_str!("fswalk.rs")),
