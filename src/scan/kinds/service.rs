@@ -144,16 +144,18 @@ impl ServiceCheck {
     pub fn eval(&self, t: &Target) -> Outcome {
         let mut f = Findings::new();
         for unit in self.units() {
+            // Enablement is what the unit files say, live too: that is
+            // what `systemctl is-enabled` reads, and asking systemd for
+            // every unit file's state takes seconds on a small VM.
+            self.eval_files(t, &unit, &mut f);
             if t.is_live() {
-                self.eval_live(t, &unit, &mut f);
-            } else {
-                self.eval_offline(t, &unit, &mut f);
+                self.eval_active(t, &unit, &mut f);
             }
         }
         f.finish()
     }
 
-    fn eval_offline(&self, t: &Target, unit: &str, f: &mut Findings) {
+    fn eval_files(&self, t: &Target, unit: &str, f: &mut Findings) {
         let state = match offline_state(t, unit) {
             Ok(s) => s,
             Err(e) => {
@@ -186,92 +188,55 @@ impl ServiceCheck {
         if let Some(want) = self.masked {
             f.check(masked == want, where_.clone());
         }
-        if self.active.is_some() && self.enabled.is_none() && self.masked.is_none() {
+        if self.active.is_some() && !t.is_live() {
             f.note(format!("{unit}: activity is checked on a live system only"));
         }
     }
 
-    fn eval_live(&self, t: &Target, unit: &str, f: &mut Findings) {
+    fn eval_active(&self, t: &Target, unit: &str, f: &mut Findings) {
+        let Some(want) = self.active else { return };
         let loaded = t.fact("systemd units", || live_units(t));
-        let units = match loaded.as_ref() {
-            Ok(u) => u,
-            Err(e) => {
-                f.err(e.clone());
-                return;
+        match loaded.as_ref() {
+            Ok(units) => {
+                let state = units.get(unit).map_or("inactive", |s| s.as_str());
+                f.check((state == "active") == want, format!("{unit}: {state}"));
             }
-        };
-        if self.enabled.is_some() || self.masked.is_some() {
-            let state = units
-                .file_state
-                .get(unit)
-                .map_or("not-found", |s| s.as_str());
-            let enabled = matches!(
-                state,
-                "enabled" | "enabled-runtime" | "alias" | "indirect" | "generated" | "linked"
-            );
-            let masked = state.starts_with("masked");
-            let ev = format!("{unit}: unit file {state}");
-            if let Some(want) = self.enabled {
-                f.check(enabled == want, ev.clone());
-            }
-            if let Some(want) = self.masked {
-                f.check(masked == want, ev);
-            }
-        }
-        if let Some(want) = self.active {
-            let state = units.active.get(unit).map_or("inactive", |s| s.as_str());
-            f.check((state == "active") == want, format!("{unit}: {state}"));
+            Err(e) => f.err(e.clone()),
         }
     }
 }
 
-/// What systemd says of every unit, asked once per scan: unit file
-/// states (`systemctl list-unit-files`) and activity (`systemctl
-/// list-units --all`). A unit neither lists is not found and inactive.
-pub struct LiveUnits {
-    pub file_state: std::collections::HashMap<String, String>,
-    pub active: std::collections::HashMap<String, String>,
-}
-
-fn live_units(t: &Target) -> Result<LiveUnits, String> {
-    let run = |args: &[&str]| -> Result<String, String> {
-        match t.command("systemctl", args) {
-            Some(Ok(o)) if o.status.success() => Ok(o.stdout_str()),
-            Some(Ok(o)) => Err(format!(
-                "systemctl {}: exit {:?}: {}",
-                args.join(" "),
-                o.status.code(),
-                o.stderr_str().trim()
-            )),
-            Some(Err(e)) => Err(format!("systemctl {}: {e:#}", args.join(" "))),
-            None => Err("systemctl runs on live targets only".into()),
-        }
-    };
-    let files = run(&["list-unit-files", "--no-legend", "--no-pager", "--plain"])?;
-    let units = run(&[
+/// The activity of every unit systemd has loaded (`systemctl list-units
+/// --all`), asked once per scan. A unit it does not list is inactive.
+fn live_units(t: &Target) -> Result<std::collections::HashMap<String, String>, String> {
+    let args = [
         "list-units",
         "--all",
         "--no-legend",
         "--no-pager",
         "--plain",
-    ])?;
-    Ok(LiveUnits {
-        file_state: files
-            .lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                Some((w.next()?.to_string(), w.next()?.to_string()))
-            })
-            .collect(),
-        active: units
-            .lines()
-            .filter_map(|l| {
-                // UNIT LOAD ACTIVE SUB DESCRIPTION
-                let w: Vec<&str> = l.split_whitespace().collect();
-                (w.len() >= 3).then(|| (w[0].to_string(), w[2].to_string()))
-            })
-            .collect(),
-    })
+    ];
+    let text = match t.command("systemctl", &args) {
+        Some(Ok(o)) if o.status.success() => o.stdout_str(),
+        Some(Ok(o)) => {
+            return Err(format!(
+                "systemctl {}: exit {:?}: {}",
+                args.join(" "),
+                o.status.code(),
+                o.stderr_str().trim()
+            ));
+        }
+        Some(Err(e)) => return Err(format!("systemctl {}: {e:#}", args.join(" "))),
+        None => return Err("systemctl runs on live targets only".into()),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            // UNIT LOAD ACTIVE SUB DESCRIPTION
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 3).then(|| (w[0].to_string(), w[2].to_string()))
+        })
+        .collect())
 }
 
 crate::register_kind!("service", ServiceCheck);
