@@ -94,6 +94,13 @@ pub struct CisRef {
     pub automated: bool,
 }
 
+impl CisRef {
+    /// The benchmark's system (`ubuntu2204` of `ubuntu2204-v2.0.0`).
+    pub fn os(&self) -> &str {
+        self.benchmark.split('-').next().unwrap_or(&self.benchmark)
+    }
+}
+
 /// One item of a source document, for coverage tables.
 #[derive(Debug, Clone, Serialize)]
 pub struct Item {

@@ -589,7 +589,7 @@ fn controls_cmd(a: ControlsArgs) -> Result<i32> {
                     c.refs
                         .cis
                         .iter()
-                        .map(|r| format!("CIS {} {}", &r.benchmark[..10], r.id)),
+                        .map(|r| format!("CIS {} {}", r.os(), r.id)),
                 );
                 println!("{:<34} {:<6} {}", c.id, c.severity.as_str(), c.title);
                 if !refs.is_empty() {
@@ -634,7 +634,7 @@ fn coverage_cmd(a: CoverageArgs) -> Result<i32> {
                         .refs
                         .cis
                         .iter()
-                        .any(|r| r.id == item.id && s.ends_with(&r.benchmark[..10])),
+                        .any(|r| r.id == item.id && s.strip_prefix("cis-") == Some(r.os())),
                 })
                 .map(|(_, c)| c.id.as_str())
                 .collect();

@@ -319,6 +319,20 @@ pub struct Control {
     pub stage: String,
 }
 
+impl Control {
+    /// Whether the control applies to `ctx` (its stage's `when`, then its
+    /// own), and why not when it does not.
+    pub fn applies(
+        &self,
+        stage: &Stage,
+        ctx: &crate::scan::ScanContext,
+        live: bool,
+    ) -> Result<(), String> {
+        stage.when.applies(ctx, live)?;
+        self.when.applies(ctx, live)
+    }
+}
+
 // ---- the file format --------------------------------------------------------
 
 #[derive(Debug, Deserialize)]

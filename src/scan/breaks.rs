@@ -289,8 +289,7 @@ pub fn prove(
     let mut out = Vec::new();
     for (stage, control) in catalog.controls() {
         if (!ids.is_empty() && !ids.contains(&control.id))
-            || stage.when.applies(ctx, false).is_err()
-            || control.when.applies(ctx, false).is_err()
+            || control.applies(stage, ctx, false).is_err()
         {
             continue;
         }

@@ -196,12 +196,7 @@ pub fn run(catalog: &Catalog, target: &Target, ctx: &ScanContext, sel: &Selectio
         if !sel.benchmark.selects(&control.refs) {
             continue;
         }
-        let live = target.is_live();
-        let outcome = match stage
-            .when
-            .applies(ctx, live)
-            .and_then(|()| control.when.applies(ctx, live))
-        {
+        let outcome = match control.applies(stage, ctx, target.is_live()) {
             Err(why) => Outcome::na(why),
             Ok(()) => control.check.eval(target),
         };

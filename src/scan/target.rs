@@ -368,6 +368,26 @@ impl Target {
         cache.commands.lock().expect("cache lock").insert(key, kept);
         Some(r)
     }
+
+    /// The standard output of a command that must succeed on a live
+    /// target (`sshd -T`, `auditctl -l`); otherwise why not, with the
+    /// command line and its stderr.
+    pub fn stdout(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let line = std::iter::once(program)
+            .chain(args.iter().copied())
+            .collect::<Vec<_>>()
+            .join(" ");
+        match self.command(program, args) {
+            Some(Ok(o)) if o.status.success() => Ok(o.stdout_str()),
+            Some(Ok(o)) => Err(format!(
+                "{line}: exit {:?}: {}",
+                o.status.code(),
+                o.stderr_str().trim()
+            )),
+            Some(Err(e)) => Err(format!("{line}: {e:#}")),
+            None => Err(format!("{line}: runs on live targets only")),
+        }
+    }
 }
 
 fn split(path: &str) -> Vec<String> {

@@ -255,13 +255,7 @@ pub fn covers(have: &Rule, want: &Rule) -> bool {
 pub fn load_rules(t: &Target) -> Result<Vec<(String, Rule)>, String> {
     let mut out = Vec::new();
     if t.is_live() {
-        let o = match t.command("auditctl", &["-l"]) {
-            Some(Ok(o)) if o.status.success() => o,
-            Some(Ok(o)) => return Err(format!("auditctl -l failed: {}", o.stderr_str().trim())),
-            Some(Err(e)) => return Err(format!("auditctl -l: {e:#}")),
-            None => unreachable!("live"),
-        };
-        for l in o.stdout_str().lines() {
+        for l in t.stdout("auditctl", &["-l"])?.lines() {
             if let Some(r) = parse_rule(l)? {
                 out.push(("auditctl -l".to_string(), r));
             }

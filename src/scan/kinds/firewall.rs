@@ -157,15 +157,9 @@ impl FirewallCheck {
 
     pub fn eval(&self, t: &Target) -> Outcome {
         let (source, text) = if t.is_live() {
-            match t.command("nft", &["list", "ruleset"]) {
-                Some(Ok(o)) if o.status.success() => {
-                    ("nft list ruleset".to_string(), o.stdout_str())
-                }
-                Some(Ok(o)) => {
-                    return Outcome::error(format!("nft list ruleset: {}", o.stderr_str().trim()));
-                }
-                Some(Err(e)) => return Outcome::error(format!("nft list ruleset: {e:#}")),
-                None => unreachable!("live"),
+            match t.stdout("nft", &["list", "ruleset"]) {
+                Ok(text) => ("nft list ruleset".to_string(), text),
+                Err(e) => return Outcome::error(e),
             }
         } else {
             match t.read_optional(NFTABLES_CONF) {

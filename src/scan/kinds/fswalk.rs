@@ -8,6 +8,7 @@ use crate::scan::target::Target;
 use crate::scan::users::Users;
 use serde::Deserialize;
 use std::collections::BTreeSet;
+use std::path::Path;
 
 const ALWAYS_SKIPPED: &[&str] = &["/proc", "/sys", "/dev", "/run"];
 const PSEUDO_FS: &[&str] = &[
@@ -120,11 +121,9 @@ impl FsWalkCheck {
             Ok(w) => w,
             Err(e) => return Outcome::error(e.clone()),
         };
-        let excluded = |path: &str| {
-            self.exclude.iter().any(|e| {
-                path == e || (path.starts_with(e.as_str()) && path[e.len()..].starts_with('/'))
-            })
-        };
+        // Path::starts_with compares whole components: /usr/lib64 is not
+        // under /usr/lib.
+        let excluded = |path: &str| self.exclude.iter().any(|e| Path::new(path).starts_with(e));
         let allowed: Option<BTreeSet<String>> = self.suid_sgid_allowed.as_ref().map(|list| {
             list.iter()
                 .map(|p| t.canonical(p).unwrap_or_else(|_| p.clone()))
@@ -138,7 +137,7 @@ impl FsWalkCheck {
         let under = |path: &str| {
             self.root_only_under
                 .iter()
-                .any(|d| path.starts_with(d.as_str()) && path[d.len()..].starts_with('/'))
+                .any(|d| path != d && Path::new(path).starts_with(d))
         };
         for e in w.flagged.iter().filter(|e| !excluded(&e.path)) {
             if under(&e.path) && !e.meta.is_symlink() {

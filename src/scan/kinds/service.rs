@@ -209,26 +209,16 @@ impl ServiceCheck {
 /// The activity of every unit systemd has loaded (`systemctl list-units
 /// --all`), asked once per scan. A unit it does not list is inactive.
 fn live_units(t: &Target) -> Result<std::collections::HashMap<String, String>, String> {
-    let args = [
-        "list-units",
-        "--all",
-        "--no-legend",
-        "--no-pager",
-        "--plain",
-    ];
-    let text = match t.command("systemctl", &args) {
-        Some(Ok(o)) if o.status.success() => o.stdout_str(),
-        Some(Ok(o)) => {
-            return Err(format!(
-                "systemctl {}: exit {:?}: {}",
-                args.join(" "),
-                o.status.code(),
-                o.stderr_str().trim()
-            ));
-        }
-        Some(Err(e)) => return Err(format!("systemctl {}: {e:#}", args.join(" "))),
-        None => return Err("systemctl runs on live targets only".into()),
-    };
+    let text = t.stdout(
+        "systemctl",
+        &[
+            "list-units",
+            "--all",
+            "--no-legend",
+            "--no-pager",
+            "--plain",
+        ],
+    )?;
     Ok(text
         .lines()
         .filter_map(|l| {

@@ -200,15 +200,9 @@ fn effective_config(t: &Target) -> Result<BTreeMap<String, SshdValue>, Outcome> 
                 "no sshd on this system: OpenSSH server not installed",
             ));
         };
-        match t.command(&sshd.to_string_lossy(), &["-T"]) {
-            Some(Ok(out)) if out.status.success() => Ok(parse_sshd_t(&out.stdout_str())),
-            Some(Ok(out)) => Err(Outcome::error(format!(
-                "sshd -T failed: {}",
-                out.stderr_str().trim()
-            ))),
-            Some(Err(e)) => Err(Outcome::error(format!("sshd -T: {e:#}"))),
-            None => unreachable!("live targets run commands"),
-        }
+        t.stdout(&sshd.to_string_lossy(), &["-T"])
+            .map(|text| parse_sshd_t(&text))
+            .map_err(Outcome::error)
     } else {
         match t.read_optional(MAIN) {
             Ok(None) => return Err(Outcome::na(format!("{MAIN}: OpenSSH server not installed"))),
