@@ -40,6 +40,17 @@ subprocess.run([sys.argv[1], "scan", "--root", sys.argv[2], "--format", "json"],
                stdout=subprocess.DEVNULL)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 PY
+echo "== role builds: the base and each role, raw, cached bootstrap; each role verified once"
+"$bin" build --profile "$profile" --out "$out/role-base" --no-verify --format raw
+roles=()
+known=$("$bin" profiles)
+for role in docker postgres k8s-node; do
+  if grep -q "^$profile-$role " <<<"$known"; then
+    roles+=("$role")
+    "$bin" build --profile "$profile-$role" --out "$out/role-$role" --format raw || true
+  fi
+done
+echo "${roles[@]}" > "$out/roles"
 runs=${VERIFY_RUNS:-3}
 for i in $(seq 1 "$runs"); do
   echo "== verify $i/$runs (boot under QEMU, scan inside)"
@@ -94,4 +105,21 @@ for p in sorted(glob.glob(f"{out}/warm/*")):
     mark = "" if b is None else (f"<= {b} MiB  " + ("ok" if mib <= b else "OVER"))
     print(f"{name:<64} {mib:>8.1f}  {mark}")
 print(f"verify passed: {all(v['passed'] for v in verifies)}; boots: {', '.join(f'{b:.0f} s' for b in boots)}")
+roles = open(f"{out}/roles").read().split()
+if roles:
+    base = json.load(open(f"{out}/role-base/{profile}.steps.json"))["total_seconds"]
+    print(f"\n{'role (cached bootstrap, raw)':<34} {'adds s':>8}  budget         verify (TCG)")
+    for role in roles:
+        d, name = f"{out}/role-{role}", f"{profile}-{role}"
+        j = json.load(open(f"{d}/{name}.steps.json"))
+        build = j["total_seconds"] - sum(s["seconds"] for s in j["steps"] if s["name"] == "verify")
+        try:
+            v = json.load(open(f"{d}/{name}.verify.json"))
+            proofs = v["agent"]["role_proofs"] if v.get("agent") else []
+            state = ("passed" if v["passed"] else "FAILED") + f" in {v['total_seconds']:.0f} s, " + ", ".join(
+                "proof " + ("skipped" if p.get("skipped") else ("ok" if p["passed"] else "FAILED")) for p in proofs)
+        except FileNotFoundError:
+            state = "no verdict"
+        adds = build - base
+        print(f"{role:<34} {adds:>8.1f}  <= 60 s  {'ok' if adds <= 60 else 'OVER'}  {state}")
 PY

@@ -1,6 +1,9 @@
 //! The reference documents the catalog answers to: the stemcell hardening
 //! FAQ (section 4), the DISA STIGs for Ubuntu 22.04 (V2R8) and 24.04
-//! (V1R6), and the CIS Ubuntu benchmarks (22.04 v2.0.0, 24.04 v1.0.0).
+//! (V1R6), the CIS Ubuntu benchmarks (22.04 v2.0.0, 24.04 v1.0.0), and
+//! for the roles the Docker Enterprise 2.x STIG (V2R2) with CIS Docker
+//! v1.6.0, the PostgreSQL 9.x STIG (V2R5), the Kubernetes STIG (V1R11)
+//! and the Mirantis Kubernetes Engine STIG (V2R1).
 //! Their identifiers live in `benchmarks/*.tsv` (provenance in
 //! `benchmarks/README.md`) and are compiled in: a control's reference is
 //! checked against them when the catalog loads, so no identifier can be
@@ -13,14 +16,21 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-/// A STIG benchmark stemforge references.
+/// A STIG benchmark stemforge references. Its table has a header line
+/// naming at least `version`, `vuln_id`, `rule_id`, `severity` and
+/// `title`; columns are found by name.
 struct StigTable {
-    /// `ubuntu2204`
+    /// `ubuntu2204`, `docker-ee-2.x`
     benchmark: &'static str,
     /// `V2R8`
     release: &'static str,
     /// `UBTU-22-`: the version prefix of its rules.
     prefix: &'static str,
+    /// The coverage source its rows make.
+    source: &'static str,
+    /// Items are named by their V- id (the role documents do) rather
+    /// than their version.
+    by_vuln_id: bool,
     tsv: &'static str,
 }
 
@@ -29,15 +39,55 @@ const STIGS: &[StigTable] = &[
         benchmark: "ubuntu2204",
         release: "V2R8",
         prefix: "UBTU-22-",
+        source: "stig-ubuntu2204",
+        by_vuln_id: false,
         tsv: include_str!("../benchmarks/stig-ubuntu2204-v2r8.tsv"),
     },
     StigTable {
         benchmark: "ubuntu2404",
         release: "V1R6",
         prefix: "UBTU-24-",
+        source: "stig-ubuntu2404",
+        by_vuln_id: false,
         tsv: include_str!("../benchmarks/stig-ubuntu2404-v1r6.tsv"),
     },
+    StigTable {
+        benchmark: "docker-enterprise-2.x",
+        release: "V2R2",
+        prefix: "DKER-EE-",
+        source: "docker",
+        by_vuln_id: true,
+        tsv: include_str!("../benchmarks/docker.tsv"),
+    },
+    StigTable {
+        benchmark: "postgresql-9.x",
+        release: "V2R5",
+        prefix: "PGS9-00-",
+        source: "postgres",
+        by_vuln_id: true,
+        tsv: include_str!("../benchmarks/postgres.tsv"),
+    },
+    StigTable {
+        benchmark: "kubernetes",
+        release: "V1R11",
+        prefix: "CNTR-K8-",
+        source: "kubernetes",
+        by_vuln_id: true,
+        tsv: include_str!("../benchmarks/kubernetes.tsv"),
+    },
+    StigTable {
+        benchmark: "mirantis-mke",
+        release: "V2R1",
+        prefix: "CNTR-MK-",
+        source: "mke",
+        by_vuln_id: true,
+        tsv: include_str!("../benchmarks/mke.tsv"),
+    },
 ];
+
+/// The CIS Docker Benchmark the docker table maps to, as references
+/// name it (`docker-v1.6.0:2.2`).
+pub const CIS_DOCKER: &str = "docker-v1.6.0";
 
 const CIS_TSV: &str = include_str!("../benchmarks/cis-ubuntu.tsv");
 const FAQ_TSV: &str = include_str!("../benchmarks/faq.tsv");
@@ -61,6 +111,16 @@ const COVERAGE: &[(&str, &str)] = &[
         "cis-ubuntu2404",
         include_str!("../benchmarks/coverage/cis-ubuntu2404.yml"),
     ),
+    ("docker", include_str!("../benchmarks/coverage/docker.yml")),
+    (
+        "postgres",
+        include_str!("../benchmarks/coverage/postgres.yml"),
+    ),
+    (
+        "kubernetes",
+        include_str!("../benchmarks/coverage/kubernetes.yml"),
+    ),
+    ("mke", include_str!("../benchmarks/coverage/mke.yml")),
 ];
 
 /// A STIG rule as reports carry it.
@@ -109,6 +169,15 @@ pub struct Item {
     /// STIG severity or CIS level (`l1`, `l2`).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub grade: String,
+    /// The references that cover it (`stig:DKER-EE-002070`,
+    /// `cis:docker-v1.6.0:2.17`, `faq:4.2.1`): a control citing any
+    /// of them covers the item.
+    #[serde(skip)]
+    pub keys: Vec<String>,
+    /// For the Kubernetes documents: whether the item concerns a worker
+    /// node's own configuration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<bool>,
 }
 
 pub struct Benchmarks {
@@ -126,6 +195,10 @@ pub const SOURCES: &[&str] = &[
     "stig-ubuntu2404",
     "cis-ubuntu2204",
     "cis-ubuntu2404",
+    "docker",
+    "postgres",
+    "kubernetes",
+    "mke",
 ];
 
 fn rows(tsv: &'static str) -> impl Iterator<Item = Vec<&'static str>> {
@@ -147,26 +220,78 @@ pub fn get() -> &'static Benchmarks {
             reasons: BTreeMap::new(),
         };
         for t in STIGS {
-            let source: &'static str = match t.benchmark {
-                "ubuntu2204" => "stig-ubuntu2204",
-                _ => "stig-ubuntu2404",
+            let header: Vec<&str> = t.tsv.lines().next().unwrap_or("").split('\t').collect();
+            let col = |name: &str| header.iter().position(|h| *h == name);
+            let need = |name: &str| {
+                col(name).unwrap_or_else(|| panic!("{}: no column `{name}`", t.benchmark))
             };
+            let (version, vuln, rule, severity, title) = (
+                need("version"),
+                need("vuln_id"),
+                need("rule_id"),
+                need("severity"),
+                need("title"),
+            );
+            let (cis_doc, cis_new, node) = (col("cis_v120"), col("cis_v160"), col("node"));
             for r in rows(t.tsv) {
-                let stig = StigRef {
-                    version: r[0].into(),
-                    id: r[1].into(),
-                    rule: r[2].into(),
-                    severity: r[3].into(),
-                    benchmark: t.benchmark.into(),
-                    release: t.release.into(),
+                let cis_doc = cis_doc.map(|c| r[c]).filter(|c| *c != "-");
+                let cis_new: Vec<&str> = cis_new
+                    .map(|c| r[c])
+                    .filter(|c| *c != "-")
+                    .map(|c| c.split(',').collect())
+                    .unwrap_or_default();
+                let mut keys: Vec<String> = cis_new
+                    .iter()
+                    .map(|c| format!("cis:{CIS_DOCKER}:{c}"))
+                    .collect();
+                for c in &cis_new {
+                    b.cis.entry(format!("{CIS_DOCKER}:{c}")).or_insert(CisRef {
+                        id: c.to_string(),
+                        // The docker table records no CIS level.
+                        level: 0,
+                        profile: "docker".into(),
+                        benchmark: CIS_DOCKER.into(),
+                        automated: true,
+                    });
+                }
+                let id = if r[version] == "-" {
+                    // A row with a CIS number only: named as the document names it.
+                    format!("CIS {}", cis_doc.unwrap_or("?"))
+                } else {
+                    let stig = StigRef {
+                        version: r[version].into(),
+                        id: r[vuln].into(),
+                        rule: r[rule].into(),
+                        severity: r[severity].into(),
+                        benchmark: t.benchmark.into(),
+                        release: t.release.into(),
+                    };
+                    debug_assert!(stig.version.starts_with(t.prefix));
+                    keys.push(format!("stig:{}", stig.version));
+                    let id = if t.by_vuln_id {
+                        stig.id.clone()
+                    } else {
+                        stig.version.clone()
+                    };
+                    b.stig.insert(stig.version.clone(), stig);
+                    id
                 };
-                debug_assert!(stig.version.starts_with(t.prefix));
-                b.items.entry(source).or_default().push(Item {
-                    id: stig.version.clone(),
-                    title: r[4].into(),
-                    grade: stig.severity.clone(),
+                let items = b.items.entry(t.source).or_default();
+                // The docker document lists three rows twice (table and notes).
+                if items.iter().any(|i| i.id == id) {
+                    continue;
+                }
+                items.push(Item {
+                    id,
+                    title: r[title].into(),
+                    grade: if r[severity] == "-" {
+                        String::new()
+                    } else {
+                        r[severity].into()
+                    },
+                    keys,
+                    node: node.map(|c| r[c] == "yes"),
                 });
-                b.stig.insert(stig.version.clone(), stig);
             }
         }
         for r in rows(CIS_TSV) {
@@ -195,6 +320,8 @@ pub fn get() -> &'static Benchmarks {
                 id: cis.id.clone(),
                 title: r[4].into(),
                 grade: format!("l{level}"),
+                keys: vec![format!("cis:{}:{}", r[0], r[1])],
+                node: None,
             });
             b.cis.insert(format!("{}:{}", r[0], r[1]), cis);
         }
@@ -203,12 +330,23 @@ pub fn get() -> &'static Benchmarks {
                 id: r[0].into(),
                 title: r[1].into(),
                 grade: String::new(),
+                keys: vec![format!("faq:{}", r[0])],
+                node: None,
             });
         }
         for (source, text) in COVERAGE {
             let parsed: CoverageFile = serde_yaml::from_str(text)
                 .unwrap_or_else(|e| panic!("benchmarks/coverage/{source}.yml: {e}"));
-            b.reasons.insert(source, parsed.reasons);
+            let mut reasons = parsed.reasons;
+            if let Some(why) = parsed.cluster_items {
+                // Items that are not a worker node's share one reason.
+                for i in b.items.get(source).into_iter().flatten() {
+                    if i.node == Some(false) {
+                        reasons.entry(i.id.clone()).or_insert_with(|| why.clone());
+                    }
+                }
+            }
+            b.reasons.insert(source, reasons);
         }
         b
     })
@@ -220,6 +358,10 @@ struct CoverageFile {
     /// Item id -> why no control covers it.
     #[serde(default)]
     reasons: BTreeMap<String, String>,
+    /// The Kubernetes documents: why items that concern the cluster
+    /// rather than a worker node have no control in a node image.
+    #[serde(default)]
+    cluster_items: Option<String>,
 }
 
 impl Benchmarks {
@@ -276,6 +418,22 @@ mod tests {
         let c = b.cis("ubuntu2204-v2.0.0:1.1.1.1").unwrap();
         assert_eq!((c.level, c.automated), (1, true));
         assert!(b.stig("UBTU-22-999999").is_none());
+        // The role documents: by V- id, three docker rows listed twice.
+        assert_eq!(b.items("docker").unwrap().len(), 59);
+        assert_eq!(b.items("postgres").unwrap().len(), 109);
+        assert_eq!(b.items("kubernetes").unwrap().len(), 91);
+        assert_eq!(b.items("mke").unwrap().len(), 44);
+        let d = b.stig("DKER-EE-002070").unwrap();
+        assert_eq!((d.id.as_str(), d.severity.as_str()), ("V-235812", "high"));
+        assert!(b.cis("docker-v1.6.0:2.17").is_some());
+        let seccomp = &b.items("docker").unwrap()[0];
+        assert!(seccomp.keys.contains(&"cis:docker-v1.6.0:5.22".to_string()));
+        assert!(
+            b.items("docker")
+                .unwrap()
+                .iter()
+                .any(|i| i.id == "CIS 2.10")
+        );
         for (source, _) in COVERAGE {
             for (id, why) in b.reasons(source) {
                 assert!(

@@ -62,6 +62,9 @@ pub enum Command {
     /// The in-image verification agent (started by the image itself)
     #[command(hide = true)]
     Agent,
+    /// Sleep SECONDS: the process of the docker role's probe containers
+    #[command(hide = true)]
+    Idle { seconds: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -165,6 +168,10 @@ pub struct BuildArgs {
     /// started at boot (stemcells without one say so in stemcell.MF)
     #[arg(long, value_name = "FILE")]
     pub bosh_agent: Option<PathBuf>,
+    /// A role's input, NAME=FILE (repeatable): kubelet=FILE (k8s-node),
+    /// daemon.json=FILE (docker), postgresql.conf=FILE (postgres)
+    #[arg(long = "role-input", value_name = "NAME=FILE", value_parser = crate::roles::parse_flag)]
+    pub role_inputs: Vec<(String, PathBuf)>,
     /// Print the result as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -248,7 +255,8 @@ pub struct ControlsArgs {
 #[derive(Debug, Args)]
 pub struct CoverageArgs {
     /// The reference document: faq, stig-ubuntu2204, stig-ubuntu2404,
-    /// cis-ubuntu2204 or cis-ubuntu2404
+    /// cis-ubuntu2204, cis-ubuntu2404, or a role's: docker, postgres,
+    /// kubernetes, mke
     #[arg(long, value_name = "SOURCE", default_value = "faq",
           value_parser = clap::builder::PossibleValuesParser::new(benchmarks::SOURCES))]
     pub source: String,
@@ -325,6 +333,13 @@ pub struct StagesArgs {
 
 /// Parse the command line, run, and return the exit code.
 pub fn main() -> i32 {
+    // Output piped into `head` or `grep -q` ends the process quietly, as
+    // with other Unix tools, rather than as a panic on a broken pipe.
+    // SAFETY: setting a signal's disposition to its default is sound
+    // before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     progress::init(cli.verbose, cli.quiet);
     match run(cli) {
@@ -364,6 +379,10 @@ fn run(cli: Cli) -> Result<i32> {
             verify::run_agent()?;
             Ok(0)
         }
+        Command::Idle { seconds } => {
+            std::thread::sleep(std::time::Duration::from_secs(seconds));
+            Ok(0)
+        }
     }
 }
 
@@ -389,6 +408,7 @@ fn build(a: BuildArgs) -> Result<i32> {
         vm_def: a.vm.vm,
         agent_binary: a.agent_binary,
         bosh_agent: a.bosh_agent,
+        role_inputs: a.role_inputs,
     };
     let Some(built) = pipeline::build(&o)? else {
         return Ok(0);
@@ -449,6 +469,14 @@ fn print_verdict(v: &verify::Verdict) {
             println!("  - {p}");
         }
         println!("  console log: {}", v.console_log.display());
+    }
+    for p in v.agent.iter().flat_map(|a| &a.role_proofs) {
+        let state = match (&p.skipped, p.passed) {
+            (Some(why), _) => format!("NOT RUN: {why}"),
+            (None, true) => "proven".to_string(),
+            (None, false) => "FAILED".to_string(),
+        };
+        println!("  role {}: {}: {state}", p.role, p.name);
     }
 }
 
@@ -627,15 +655,7 @@ fn coverage_cmd(a: CoverageArgs) -> Result<i32> {
         .map(|item| {
             let controls: Vec<&str> = catalog
                 .controls()
-                .filter(|(_, c)| match a.source.as_str() {
-                    "faq" => c.refs.faq.contains(&item.id),
-                    s if s.starts_with("stig-") => c.refs.stig.iter().any(|r| r.version == item.id),
-                    s => c
-                        .refs
-                        .cis
-                        .iter()
-                        .any(|r| r.id == item.id && s.strip_prefix("cis-") == Some(r.os())),
-                })
+                .filter(|(_, c)| c.refs.keys().iter().any(|k| item.keys.contains(k)))
                 .map(|(_, c)| c.id.as_str())
                 .collect();
             let reason = b.reason(&a.source, &item.id);
@@ -722,14 +742,20 @@ fn profiles(a: ListArgs) -> Result<i32> {
     match a.format {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&list)?),
         OutputFormat::Text => {
+            let width = list.iter().map(|p| p.name.len()).max().unwrap_or(0);
             for p in &list {
                 let default = if p.name == DEFAULT_PROFILE {
                     " (default)"
                 } else {
                     ""
                 };
+                let roles = if p.roles.is_empty() {
+                    String::new()
+                } else {
+                    format!(", roles {}", p.roles.join(" "))
+                };
                 println!(
-                    "{:<18} {} {} ({}), kernel {}, {} partitions{default}",
+                    "{:<width$} {} {} ({}), kernel {}, {} partitions{roles}{default}",
                     p.name,
                     p.os.distro,
                     p.os.version,

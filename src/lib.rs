@@ -20,6 +20,7 @@ pub mod osimage;
 pub mod pipeline;
 pub mod profile;
 pub mod progress;
+pub mod roles;
 pub mod scan;
 pub mod stage;
 pub mod verify;

@@ -40,10 +40,11 @@ pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
     let status = std::fs::read_to_string(root.join(DPKG_STATUS.trim_start_matches('/')))
         .context("reading the dpkg status of the tree")?;
     let have = installed(&status);
-    let missing: Vec<&String> = stages
+    let (distro, codename) = os_of(&root)?;
+    let missing: Vec<String> = stages
         .iter()
-        .flat_map(|s| s.packages.install.iter())
-        .filter(|p| !have.contains(*p))
+        .flat_map(|s| s.packages.install_for(&distro, &codename))
+        .filter(|p| !have.contains(p))
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
@@ -445,4 +446,10 @@ fn truncate_files(dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The distro (`ID`) and codename of the tree at `root`.
+fn os_of(root: &Path) -> Result<(String, String)> {
+    let ctx = crate::scan::ScanContext::detect(&Target::root(root)?, None);
+    Ok((ctx.distro, ctx.codename))
 }

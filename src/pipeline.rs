@@ -45,6 +45,8 @@ pub struct BuildOptions {
     pub agent_binary: Option<PathBuf>,
     /// A BOSH agent to install (`--bosh-agent`).
     pub bosh_agent: Option<PathBuf>,
+    /// `--role-input NAME=FILE`
+    pub role_inputs: Vec<(String, PathBuf)>,
 }
 
 /// Everything decided before any work starts.
@@ -73,6 +75,8 @@ pub struct Plan {
     pub agent_static: Option<bool>,
     /// The BOSH agent file and how manifests name it.
     pub bosh_agent: Option<(PathBuf, String)>,
+    /// The roles' inputs, checked.
+    pub role_inputs: Vec<crate::roles::RoleInput>,
 }
 
 /// The command line's mirrors, checked: URLs, and suites the profile has.
@@ -145,6 +149,20 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
             .into());
         }
     }
+    if let Some((a, b, why)) = crate::roles::conflict(&profile.roles) {
+        let file = profile.sources[0].clone();
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        return Err(ConfigError::at(
+            file,
+            &text,
+            "roles",
+            r"^roles:",
+            format!("roles `{a}` and `{b}` exclude each other: {why}"),
+        )
+        .into());
+    }
+    let role_inputs =
+        crate::roles::check_all(&profile.roles, &profile.role_inputs, &o.role_inputs)?;
     let name = o.name.clone().unwrap_or_else(|| profile.name.clone());
     if name.is_empty()
         || !name
@@ -166,9 +184,16 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         .map(|s| (s.dir_name.clone(), s.when.describe()))
         .collect();
     let controls = applicable.iter().map(|s| s.controls.len()).sum();
+    // The bootstrap carries the base stages' packages, so every role of
+    // an OS shares one cached bootstrap; a role's own packages install
+    // in the chroot when its stage runs.
     let stage_packages: Vec<String> = applicable
         .iter()
-        .flat_map(|s| s.packages.install.iter().cloned())
+        .filter(|s| s.when.roles.is_empty())
+        .flat_map(|s| {
+            s.packages
+                .install_for(&profile.os.distro, &profile.os.codename)
+        })
         .collect();
     let packages = profile.package_set(&stage_packages);
     let mirrors = mirror_overrides(o, &profile)?;
@@ -203,6 +228,7 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         "version": &version,
         "epoch": source_date_epoch,
         "bosh_agent": bosh_agent.as_ref().map(|(_, v)| v),
+        "role_inputs": &role_inputs,
     }));
     let mut outputs: Vec<PathBuf> = formats
         .iter()
@@ -261,6 +287,7 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         agent_binary,
         agent_static,
         bosh_agent,
+        role_inputs,
     })
 }
 
@@ -304,6 +331,28 @@ impl Plan {
             self.stages.len(),
             self.controls
         ));
+        let role_pkgs: Vec<String> = self
+            .catalog
+            .stages
+            .iter()
+            .filter(|st| self.stages.contains(&st.dir_name) && !st.when.roles.is_empty())
+            .flat_map(|st| st.packages.install_for(&p.os.distro, &p.os.codename))
+            .collect();
+        if !role_pkgs.is_empty() {
+            s.push_str(&format!(
+                "  role packages, installed in the chroot: {}\n",
+                role_pkgs.join(" ")
+            ));
+        }
+        for i in &self.role_inputs {
+            s.push_str(&format!(
+                "  input {}={} ({}, sha256 {})\n",
+                i.name,
+                i.file.display(),
+                i.role,
+                &i.sha256[..16]
+            ));
+        }
         for st in &self.stages {
             s.push_str(&format!("  {st}\n"));
         }
@@ -624,6 +673,7 @@ fn run_steps(
             .filter(|st| plan.stages.contains(&st.dir_name))
             .collect();
         let applied = osimage::apply_stages(&chroot, &stages)?;
+        crate::roles::apply_inputs(&tree, &plan.role_inputs)?;
         let info = osimage::image_info(&plan.profile, &applied.stages);
         let catalog_dir = match &o.stages {
             StageSource::Dir(d) => Some(d.as_path()),
@@ -919,6 +969,7 @@ mod tests {
             vm_def: None,
             agent_binary: None,
             bosh_agent: None,
+            role_inputs: Vec::new(),
         }
     }
 

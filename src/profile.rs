@@ -35,6 +35,9 @@ pub struct Profile {
     pub disk: Disk,
     pub boot: Boot,
     pub roles: Vec<String>,
+    /// Role inputs by name: (the file, the profile that names it).
+    /// Relative files are taken from that profile's directory.
+    pub role_inputs: BTreeMap<String, (PathBuf, PathBuf)>,
     /// The outputs a build writes unless `--format` says otherwise.
     pub formats: Vec<crate::formats::Format>,
 }
@@ -152,6 +155,7 @@ struct ProfileFile {
     disk: Option<DiskFile>,
     boot: Option<BootFile>,
     roles: Option<Vec<String>>,
+    role_inputs: Option<BTreeMap<String, PathBuf>>,
     formats: Option<Vec<String>>,
 }
 
@@ -683,6 +687,14 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
         }
     }
     let roles = pick!(roles).unwrap_or_default();
+    // Each input from the nearest profile that names it.
+    let mut role_inputs = BTreeMap::new();
+    for l in chain.iter().rev() {
+        for (name, file) in l.file.role_inputs.iter().flatten() {
+            let dir = l.path.parent().unwrap_or(Path::new("."));
+            role_inputs.insert(name.clone(), (dir.join(file), l.path.clone()));
+        }
+    }
     let description = pick!(description).unwrap_or_default();
     let formats = match chain.iter().find(|l| l.file.formats.is_some()) {
         Some(l) => {
@@ -704,6 +716,7 @@ fn merge(chain: Vec<Loaded>) -> Result<Profile, ConfigError> {
         disk,
         boot,
         roles,
+        role_inputs,
     })
 }
 

@@ -28,6 +28,8 @@ pub struct Stage {
     pub sysctl: Vec<(String, String)>,
     pub services: Services,
     pub kernel_modules: KernelModules,
+    /// Base controls this stage replaces on the images it applies to.
+    pub supersedes: Vec<Supersede>,
     /// The chroot script (`apply.sh`): its name and text.
     pub script: Option<(String, String)>,
     pub controls: Vec<Control>,
@@ -66,6 +68,10 @@ pub struct When {
     /// running system, or both (the default).
     #[serde(default, skip_serializing_if = "TargetMode::is_any")]
     pub target: TargetMode,
+    /// Paths the target must have for it to apply (`/usr/local/bin/kubelet`):
+    /// a role's optional input that a build may leave out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
 }
 
 /// Offline, live or both.
@@ -147,8 +153,34 @@ impl When {
 pub struct Packages {
     #[serde(default)]
     pub install: Vec<String>,
+    /// More to install on one distro or codename (`bookworm:
+    /// [postgresql-15-pgaudit]`): packages whose names carry a version.
+    #[serde(default)]
+    pub install_on: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     pub purge: Vec<String>,
+}
+
+impl Packages {
+    /// What to install on this distro and codename.
+    pub fn install_for(&self, distro: &str, codename: &str) -> Vec<String> {
+        let mut all = self.install.clone();
+        for (on, pkgs) in &self.install_on {
+            if on == distro || on == codename {
+                all.extend(pkgs.iter().cloned());
+            }
+        }
+        all
+    }
+}
+
+/// A base control a role stage replaces: it does not apply to images
+/// with that stage, and says why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Supersede {
+    pub control: String,
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -236,6 +268,23 @@ pub struct Refs {
     pub stig: Vec<crate::benchmarks::StigRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cis: Vec<crate::benchmarks::CisRef>,
+}
+
+impl Refs {
+    /// The references as coverage keys (`faq:4.2.1`,
+    /// `stig:UBTU-22-255040`, `cis:ubuntu2204-v2.0.0:5.2.10`).
+    pub fn keys(&self) -> Vec<String> {
+        self.faq
+            .iter()
+            .map(|f| format!("faq:{f}"))
+            .chain(self.stig.iter().map(|s| format!("stig:{}", s.version)))
+            .chain(
+                self.cis
+                    .iter()
+                    .map(|c| format!("cis:{}:{}", c.benchmark, c.id)),
+            )
+            .collect()
+    }
 }
 
 /// `refs:` as written: FAQ item numbers, STIG rule versions
@@ -354,6 +403,8 @@ struct StageFile {
     services: Services,
     #[serde(default)]
     kernel_modules: KernelModules,
+    #[serde(default)]
+    supersedes: Vec<Supersede>,
     script: Option<String>,
     #[serde(default)]
     controls: Vec<ControlFile>,
@@ -566,7 +617,68 @@ impl Catalog {
                 }
             }
         }
+        // A stage supersedes controls that exist, and only for a role.
+        for s in &stages {
+            for sup in &s.supersedes {
+                let text = &texts[&s.dir_name];
+                let at = |msg: String| {
+                    ConfigError::at(
+                        source.display(&s.dir_name, "stage.yml"),
+                        text,
+                        "supersedes.control",
+                        &format!(r"control:\s*{}", regex::escape(&sup.control)),
+                        msg,
+                    )
+                };
+                if !seen.contains_key(&sup.control) {
+                    return Err(at(format!("no control `{}` in the catalog", sup.control)));
+                }
+                if s.when.roles.is_empty() {
+                    return Err(at(
+                        "only a role's stage (`when: { roles: [...] }`) may supersede a control"
+                            .into(),
+                    ));
+                }
+            }
+        }
         Ok(Catalog { stages })
+    }
+
+    /// Whether `control` of `stage` applies to `ctx`: its stage's and its
+    /// own `when`, and no role stage of the target supersedes it.
+    pub fn control_applies(
+        &self,
+        stage: &Stage,
+        control: &Control,
+        ctx: &crate::scan::ScanContext,
+        target: &crate::scan::target::Target,
+    ) -> Result<(), String> {
+        control.applies(stage, ctx, target.is_live())?;
+        if let Some(p) = stage
+            .when
+            .needs
+            .iter()
+            .chain(&control.when.needs)
+            .find(|p| !target.exists(p))
+        {
+            return Err(format!("needs {p}, which this target does not have"));
+        }
+        let active = self.applicable(&ctx.distro, &ctx.codename, &ctx.roles);
+        match self.superseded(&control.id, &active) {
+            Some(why) => Err(why),
+            None => Ok(()),
+        }
+    }
+
+    /// Why `control` does not apply to an image with these stages: the
+    /// role stage that supersedes it and its reason.
+    pub fn superseded(&self, control: &str, applied: &[&Stage]) -> Option<String> {
+        applied.iter().find_map(|s| {
+            s.supersedes
+                .iter()
+                .find(|x| x.control == control)
+                .map(|x| format!("superseded by stages/{}: {}", s.dir_name, x.reason))
+        })
     }
 
     /// All controls with their stage, in stage order.
@@ -604,7 +716,13 @@ fn build_stage(
 ) -> Result<Stage, ConfigError> {
     let err = |key: &str, needle: &str, msg: String| ConfigError::at(yml, text, key, needle, msg);
     let pkg_re = regex::Regex::new(r"^[a-z0-9][a-z0-9+.-]+$").expect("static regex");
-    for p in file.packages.install.iter().chain(&file.packages.purge) {
+    for p in file
+        .packages
+        .install
+        .iter()
+        .chain(file.packages.install_on.values().flatten())
+        .chain(&file.packages.purge)
+    {
         if !pkg_re.is_match(p) {
             return Err(err(
                 "packages",
@@ -833,6 +951,7 @@ fn build_stage(
         sysctl,
         services: file.services,
         kernel_modules: file.kernel_modules,
+        supersedes: file.supersedes,
         script,
         controls,
         assets,

@@ -513,6 +513,9 @@ pub struct AgentReport {
     /// first, in seconds.
     #[serde(default)]
     pub slowest_units: Vec<(String, f64)>,
+    /// The live proofs of the image's roles (a container run, a login).
+    #[serde(default)]
+    pub role_proofs: Vec<crate::roles::Proof>,
 }
 
 /// The outcome of a verification.
@@ -1074,6 +1077,23 @@ fn judge(v: &mut Verdict) {
                 failing.join("; ")
             ));
         }
+        for p in a
+            .role_proofs
+            .iter()
+            .filter(|p| !p.passed && p.skipped.is_none())
+        {
+            v.problems.push(format!(
+                "role {}: {}: {}",
+                p.role,
+                p.name,
+                p.evidence
+                    .iter()
+                    .filter(|e| e.starts_with("FAILED"))
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
         if v.host_ssh_banner.is_none() {
             v.problems
                 .push("sshd did not answer through the VM's network".into());
@@ -1521,6 +1541,22 @@ pub fn run_agent() -> Result<()> {
     let target = Target::live();
     let ctx = ScanContext::detect(&target, None);
     let report = scan::run(&catalog, &target, &ctx, &Selection::default());
+    println!(
+        "stemforge agent: proving the roles [{}]",
+        ctx.roles.join(", ")
+    );
+    let rescan = |ids: &[&str]| {
+        scan::run(
+            &catalog,
+            &Target::live(),
+            &ctx,
+            &Selection {
+                ids: ids.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            },
+        )
+    };
+    let role_proofs = crate::roles::prove_live(&ctx.roles, &rescan);
     let uptime = std::fs::read_to_string("/proc/uptime")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
@@ -1555,6 +1591,7 @@ pub fn run_agent() -> Result<()> {
             .read()
             .map(|t| parse_blame(&t, 10))
             .unwrap_or_default(),
+        role_proofs,
     };
     println!(
         "stemforge agent: scan {} pass, {} fail; reporting",
@@ -1815,6 +1852,7 @@ mod tests {
             bosh_agent_active: None,
             boot_time: None,
             slowest_units: vec![],
+            role_proofs: vec![],
         };
         let mut v = Verdict {
             passed: false,

@@ -521,3 +521,255 @@ fn a_hostile_tree_is_scanned_in_bounded_time_and_memory_without_false_passes() {
         }
     }
 }
+
+#[test]
+fn role_coverage_tables_map_every_row_to_controls_or_reasons() {
+    let table = |source: &str| {
+        let o = stemforge(["coverage", "--source", source, "--format", "json"]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{source}: {t}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["gaps"], 0, "{t}");
+        v
+    };
+    let row = |v: &serde_json::Value, id: &str| {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("no row {id}"))
+            .clone()
+    };
+    let docker = table("docker");
+    assert_eq!(docker["items"], 59);
+    let privileged = row(&docker, "V-235802");
+    assert_eq!(
+        privileged["controls"][0],
+        "docker-containers-not-privileged"
+    );
+    assert_eq!(row(&docker, "CIS 2.1")["controls"][0], "docker-icc-off");
+    assert_eq!(row(&docker, "V-235861")["status"], "justified");
+    let pg = table("postgres");
+    assert_eq!(pg["items"], 109);
+    assert!(
+        row(&pg, "V-214099")["controls"]
+            .as_array()
+            .unwrap()
+            .contains(&"pg-pgaudit-loaded".into())
+    );
+    let k8s = table("kubernetes");
+    assert_eq!(k8s["items"], 91);
+    assert_eq!(
+        row(&k8s, "V-242391")["controls"][0],
+        "k8s-kubelet-anonymous-off"
+    );
+    // The role's decision on SSH is written down with the controls it touches.
+    let ssh = row(&k8s, "V-242393");
+    assert_eq!(ssh["status"], "justified");
+    assert!(
+        ssh["reason"].as_str().unwrap().contains("Role decision"),
+        "{ssh}"
+    );
+    assert!(
+        ssh["reason"]
+            .as_str()
+            .unwrap()
+            .contains("sshd-no-root-login"),
+        "{ssh}"
+    );
+    let mke = table("mke");
+    assert_eq!(mke["items"], 44);
+    // Docker's controls carry the role documents' structured references.
+    let o = stemforge(["controls", "--format", "json"]);
+    let all: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "docker-no-new-privileges")
+        .unwrap();
+    let stig = c["refs"]["stig"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "V-235816")
+        .expect("the Docker EE STIG rule");
+    assert_eq!(stig["benchmark"], "docker-enterprise-2.x", "{stig}");
+    assert_eq!(stig["version"], "DKER-EE-002110", "{stig}");
+    assert_eq!(c["refs"]["cis"][0]["benchmark"], "docker-v1.6.0");
+}
+
+#[test]
+fn roles_and_role_inputs_are_checked_before_any_work() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let build = |profile: &str, extra: &[&str]| {
+        let mut args = vec![
+            "build",
+            "--dry-run",
+            "--profile",
+            profile,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = stemforge(&args);
+        assert!(
+            !out.exists(),
+            "{profile} {extra:?}: the output directory was created"
+        );
+        o
+    };
+    // Two roles that exclude each other, named at their line.
+    let both = d.path().join("both.yml");
+    std::fs::write(
+        &both,
+        "extends: debian-bookworm\nname: both\nroles: [docker, k8s-node]\n",
+    )
+    .unwrap();
+    let o = build(both.to_str().unwrap(), &[]);
+    assert_config_error(&o, both.to_str().unwrap(), 3, "roles");
+    assert!(text(&o).contains("exclude each other"), "{}", text(&o));
+    // An unknown role.
+    let typo = d.path().join("typo.yml");
+    std::fs::write(
+        &typo,
+        "extends: debian-bookworm\nname: typo\nroles: [dockr]\n",
+    )
+    .unwrap();
+    let o = build(typo.to_str().unwrap(), &[]);
+    assert_config_error(&o, typo.to_str().unwrap(), 3, "roles");
+    assert!(text(&o).contains("unknown role `dockr`"), "{}", text(&o));
+    // A kubelet that is not an executable ELF file, or is missing.
+    let script = d.path().join("kubelet");
+    std::fs::write(&script, "#!/bin/sh\necho kubelet\n").unwrap();
+    let flag = format!("kubelet={}", script.display());
+    let o = build("debian-bookworm-k8s-node", &["--role-input", &flag]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--role-input") && text(&o).contains("not an executable"),
+        "{}",
+        text(&o)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = build("debian-bookworm-k8s-node", &["--role-input", &flag]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("not an x86-64 ELF executable"),
+        "{}",
+        text(&o)
+    );
+    let o = build(
+        "debian-bookworm-k8s-node",
+        &["--role-input", "kubelet=/nonexistent/kubelet"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("/nonexistent/kubelet"), "{}", text(&o));
+    // A real x86-64 executable is accepted and shown in the plan.
+    let o = build(
+        "debian-bookworm-k8s-node",
+        &["--role-input", "kubelet=/bin/true"],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("input kubelet=/bin/true (k8s-node"),
+        "{}",
+        text(&o)
+    );
+    // An input of a role the image does not have.
+    let o = build(
+        "debian-bookworm-docker",
+        &["--role-input", "kubelet=/bin/true"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("no input of this image's roles [docker]"),
+        "{}",
+        text(&o)
+    );
+    // Overrides that do not parse, named at their line.
+    let json = d.path().join("daemon.json");
+    std::fs::write(
+        &json,
+        "{\n  \"icc\": false,\n  \"log-driver\" \"journald\"\n}\n",
+    )
+    .unwrap();
+    let o = build(
+        "debian-bookworm-docker",
+        &["--role-input", &format!("daemon.json={}", json.display())],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{}:3:", json.display())),
+        "{}",
+        text(&o)
+    );
+    let conf = d.path().join("site.conf");
+    std::fs::write(&conf, "work_mem = '64MB'\nlisten_addresses = '10.0.0.5\n").unwrap();
+    let o = build(
+        "debian-bookworm-postgres",
+        &[
+            "--role-input",
+            &format!("postgresql.conf={}", conf.display()),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!("{}:2:", conf.display())),
+        "{}",
+        text(&o)
+    );
+    // The same in a profile names the profile's key.
+    let p = d.path().join("pg.yml");
+    std::fs::write(
+        &p,
+        "extends: debian-bookworm-postgres\nname: pg\nrole_inputs:\n  postgresql.conf: site.conf\n",
+    )
+    .unwrap();
+    let o = build(p.to_str().unwrap(), &[]);
+    assert_config_error(&o, p.to_str().unwrap(), 4, "role_inputs.postgresql.conf");
+}
+
+#[test]
+fn ubuntu_role_profiles_plan_their_roles_offline() {
+    for (os, pg) in [("ubuntu-noble", "16"), ("ubuntu-jammy", "14")] {
+        for role in ["docker", "postgres", "k8s-node"] {
+            let profile = format!("{os}-{role}");
+            let o = stemforge(["build", "--profile", &profile, "--dry-run"]);
+            let plan = text(&o);
+            assert_eq!(o.status.code(), Some(0), "{plan}");
+            assert!(plan.contains(&format!("roles       {role}")), "{plan}");
+            assert!(plan.contains(&format!("role-{role}")), "{profile}: {plan}");
+            let pkgs = plan
+                .lines()
+                .find(|l| l.contains("role packages, installed in the chroot"))
+                .unwrap_or_else(|| panic!("{profile}: {plan}"));
+            match role {
+                "postgres" => {
+                    assert!(pkgs.contains(&format!("postgresql-{pg}-pgaudit")), "{pkgs}");
+                    assert!(!pkgs.contains("postgresql-15-pgaudit"), "{pkgs}");
+                }
+                "docker" => {
+                    assert!(
+                        pkgs.contains("docker.io") && plan.contains("/var/lib/docker"),
+                        "{plan}"
+                    );
+                }
+                _ => {
+                    assert!(
+                        pkgs.contains("containerd") && plan.contains("/var/lib/containerd"),
+                        "{plan}"
+                    );
+                }
+            }
+            // The role's packages are not in the shared bootstrap.
+            let bootstrap = plan.split("roles ").next().unwrap();
+            assert!(
+                !bootstrap.contains("docker.io") && !bootstrap.contains("pgaudit"),
+                "{profile}"
+            );
+        }
+    }
+}

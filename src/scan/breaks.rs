@@ -289,7 +289,9 @@ pub fn prove(
     let mut out = Vec::new();
     for (stage, control) in catalog.controls() {
         if (!ids.is_empty() && !ids.contains(&control.id))
-            || control.applies(stage, ctx, false).is_err()
+            || catalog
+                .control_applies(stage, control, ctx, &Target::root(root)?)
+                .is_err()
         {
             continue;
         }

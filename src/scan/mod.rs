@@ -5,6 +5,7 @@
 pub mod breaks;
 pub mod check;
 pub mod expect;
+pub mod keypath;
 pub mod kinds;
 pub mod outcome;
 pub mod report;
@@ -196,7 +197,7 @@ pub fn run(catalog: &Catalog, target: &Target, ctx: &ScanContext, sel: &Selectio
         if !sel.benchmark.selects(&control.refs) {
             continue;
         }
-        let outcome = match control.applies(stage, ctx, target.is_live()) {
+        let outcome = match catalog.control_applies(stage, control, ctx, target) {
             Err(why) => Outcome::na(why),
             Ok(()) => control.check.eval(target),
         };

@@ -20,6 +20,11 @@ pub struct Users {
     pub groups: BTreeMap<String, (u32, Vec<String>)>,
     /// Group names /etc/group lists more than once.
     pub duplicate_groups: Vec<String>,
+    /// Subordinate id ranges (/etc/subuid, /etc/subgid) of existing
+    /// users: (first, count). Files inside a user namespace (a
+    /// remapped container's layers) are owned by ids from these.
+    pub sub_uids: Vec<(u32, u32)>,
+    pub sub_gids: Vec<(u32, u32)>,
 }
 
 impl Users {
@@ -31,7 +36,10 @@ impl Users {
                     .map(Option::unwrap_or_default)
                     .map_err(|e| format!("{p}: {e}"))
             };
-            Ok(Users::parse(&read("/etc/passwd")?, &read("/etc/group")?))
+            let mut u = Users::parse(&read("/etc/passwd")?, &read("/etc/group")?);
+            u.sub_uids = u.subordinate(&read("/etc/subuid")?);
+            u.sub_gids = u.subordinate(&read("/etc/subgid")?);
+            Ok(u)
         })
     }
 
@@ -75,7 +83,25 @@ impl Users {
             users,
             groups,
             duplicate_groups,
+            sub_uids: Vec::new(),
+            sub_gids: Vec::new(),
         }
+    }
+
+    /// `NAME:FIRST:COUNT` lines whose NAME is a user of this system.
+    pub fn subordinate(&self, text: &str) -> Vec<(u32, u32)> {
+        text.lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.trim().split(':').collect();
+                let [name, first, count] = f.as_slice() else {
+                    return None;
+                };
+                self.users
+                    .iter()
+                    .any(|u| u.name == *name || u.uid.to_string() == *name)
+                    .then_some((first.parse().ok()?, count.parse().ok()?))
+            })
+            .collect()
     }
 
     pub fn uid_of(&self, name: &str) -> Option<u32> {
@@ -106,13 +132,20 @@ impl Users {
             .unwrap_or_else(|| gid.to_string())
     }
 
+    /// A user of the system, or an id of a user's subordinate range.
     pub fn has_uid(&self, uid: u32) -> bool {
-        self.users.iter().any(|u| u.uid == uid)
+        self.users.iter().any(|u| u.uid == uid) || in_ranges(&self.sub_uids, uid)
     }
 
     pub fn has_gid(&self, gid: u32) -> bool {
-        self.groups.values().any(|g| g.0 == gid)
+        self.groups.values().any(|g| g.0 == gid) || in_ranges(&self.sub_gids, gid)
     }
+}
+
+fn in_ranges(ranges: &[(u32, u32)], id: u32) -> bool {
+    ranges
+        .iter()
+        .any(|(first, count)| id >= *first && (id as u64) < *first as u64 + *count as u64)
 }
 
 #[cfg(test)]
@@ -132,5 +165,17 @@ mod tests {
         assert_eq!(u.user_name(0), "root");
         assert_eq!(u.group_name(4242), "4242");
         assert_eq!(u.users[1].line, 2);
+    }
+
+    #[test]
+    fn subordinate_ranges_of_existing_users_own_ids() {
+        let mut u = Users::parse(
+            "dockremap:x:999:999::/nonexistent:/usr/sbin/nologin\n",
+            "dockremap:x:999:\n",
+        );
+        u.sub_gids = u.subordinate("dockremap:100000:65536\nghost:300000:10\n");
+        assert!(u.has_gid(100000) && u.has_gid(165535));
+        assert!(!u.has_gid(165536) && !u.has_gid(300000));
+        assert!(!u.has_uid(100000));
     }
 }

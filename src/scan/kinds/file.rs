@@ -4,6 +4,7 @@
 use crate::scan::outcome::{Findings, Outcome};
 use crate::scan::target::Target;
 use crate::scan::users::Users;
+use crate::scan::view::Kind;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -48,8 +49,8 @@ impl FileCheck {
             parse_mode(m)?;
         }
         if let Some(k) = &self.kind {
-            if !["file", "dir", "symlink"].contains(&k.as_str()) {
-                return Err(format!("kind `{k}` must be file, dir or symlink"));
+            if !["file", "dir", "symlink", "socket"].contains(&k.as_str()) {
+                return Err(format!("kind `{k}` must be file, dir, symlink or socket"));
             }
         }
         for re in self.matches.iter().chain(&self.not_matches) {
@@ -168,12 +169,11 @@ impl FileCheck {
             }
         };
         if let Some(k) = &self.kind {
-            let actual = if md.is_symlink() {
-                "symlink"
-            } else if md.is_dir() {
-                "dir"
-            } else {
-                "file"
+            let actual = match md.kind {
+                Kind::Symlink => "symlink",
+                Kind::Dir => "dir",
+                Kind::Socket => "socket",
+                _ => "file",
             };
             f.check(actual == k, format!("{path}: is a {actual}"));
         }

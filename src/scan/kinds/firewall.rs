@@ -170,24 +170,36 @@ impl FirewallCheck {
         };
         let all = chains(&text);
         let mut f = Findings::new();
+        // A packet passes every base chain of its hook in turn, and a
+        // drop in any one of them is final: the hook denies by default
+        // when at least one of its base chains has policy drop (other
+        // tables, such as Docker's iptables-nft ones, may accept).
         for hook in &self.default_drop {
             let base: Vec<&Chain> = all
                 .iter()
                 .filter(|c| c.hook.as_deref() == Some(hook))
                 .collect();
-            if base.is_empty() {
-                f.bad(format!("{source}: no chain on the {hook} hook"));
-            }
-            for c in base {
-                f.check(
-                    c.policy.as_deref() == Some("drop"),
-                    format!(
-                        "{source}: {} {} ({hook}) policy {}",
-                        c.table,
-                        c.name,
-                        c.policy.as_deref().unwrap_or("accept (default)")
-                    ),
-                );
+            let describe = |c: &Chain| {
+                format!(
+                    "{source}: {} {} ({hook}) policy {}",
+                    c.table,
+                    c.name,
+                    c.policy.as_deref().unwrap_or("accept (default)")
+                )
+            };
+            match base.iter().find(|c| c.policy.as_deref() == Some("drop")) {
+                Some(c) => {
+                    f.ok(describe(c));
+                    for other in base.iter().filter(|o| !std::ptr::eq(**o, *c)) {
+                        f.note(describe(other));
+                    }
+                }
+                None if base.is_empty() => f.bad(format!("{source}: no chain on the {hook} hook")),
+                None => {
+                    for c in &base {
+                        f.bad(describe(c));
+                    }
+                }
             }
         }
         let input: Vec<&String> = all
@@ -282,5 +294,16 @@ mod tests {
             "{no_ssh:?}"
         );
         assert_eq!(eval("flush ruleset\n").status, Status::Fail);
+        // Docker's own table accepts on the forward hook; ours still drops,
+        // and a drop in any base chain is final.
+        let docker = format!(
+            "{LISTED}\ntable ip filter {{\n\tchain FORWARD {{\n\t\ttype filter hook forward priority filter; policy accept;\n\t}}\n}}\n"
+        );
+        assert_eq!(eval(&docker).status, Status::Pass, "{:?}", eval(&docker));
+        let both_open = docker.replace(
+            "hook forward priority filter; policy drop;",
+            "hook forward priority filter; policy accept;",
+        );
+        assert_eq!(eval(&both_open).status, Status::Fail);
     }
 }

@@ -7,19 +7,24 @@ pub mod apparmor;
 pub mod audit;
 pub mod cmdline;
 pub mod cron;
+pub mod docker;
 pub mod file;
 pub mod firewall;
 pub mod fswalk;
+pub mod json;
 pub mod kmod;
 pub mod kv;
 pub mod mount;
 pub mod package;
 pub mod pam;
 pub mod path;
+pub mod pg;
+pub mod pghba;
 pub mod service;
 pub mod sockets;
 pub mod sshd;
 pub mod sysctl;
+pub mod yaml;
 
 #[cfg(test)]
 mod tests {
@@ -33,19 +38,24 @@ mod tests {
             ("audit.rs", include_str!("audit.rs")),
             ("cmdline.rs", include_str!("cmdline.rs")),
             ("cron.rs", include_str!("cron.rs")),
+            ("docker.rs", include_str!("docker.rs")),
             ("file.rs", include_str!("file.rs")),
             ("firewall.rs", include_str!("firewall.rs")),
             ("fswalk.rs", include_str!("fswalk.rs")),
+            ("json.rs", include_str!("json.rs")),
             ("kmod.rs", include_str!("kmod.rs")),
             ("kv.rs", include_str!("kv.rs")),
             ("mount.rs", include_str!("mount.rs")),
             ("package.rs", include_str!("package.rs")),
             ("pam.rs", include_str!("pam.rs")),
             ("path.rs", include_str!("path.rs")),
+            ("pg.rs", include_str!("pg.rs")),
+            ("pghba.rs", include_str!("pghba.rs")),
             ("service.rs", include_str!("service.rs")),
             ("sockets.rs", include_str!("sockets.rs")),
             ("sshd.rs", include_str!("sshd.rs")),
             ("sysctl.rs", include_str!("sysctl.rs")),
+            ("yaml.rs", include_str!("yaml.rs")),
         ];
         let files: Vec<&str> = include_str!("mod.rs")
             .lines()
