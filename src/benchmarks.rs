@@ -124,7 +124,7 @@ const COVERAGE: &[(&str, &str)] = &[
 ];
 
 /// A STIG rule as reports carry it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StigRef {
     /// `V-260469`
     pub id: String,
@@ -141,7 +141,7 @@ pub struct StigRef {
 }
 
 /// A CIS recommendation as reports carry it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CisRef {
     /// `5.2.10`
     pub id: String,
@@ -160,6 +160,9 @@ impl CisRef {
         self.benchmark.split('-').next().unwrap_or(&self.benchmark)
     }
 }
+
+/// A STIG's rules: (release, coverage source, each rule with its item).
+pub type StigRules<'a> = (&'static str, &'static str, Vec<(&'a StigRef, &'a Item)>);
 
 /// One item of a source document, for coverage tables.
 #[derive(Debug, Clone, Serialize)]
@@ -388,6 +391,22 @@ impl Benchmarks {
     /// Why `item` of `source` has no control, when the catalog says so.
     pub fn reason(&self, source: &str, item: &str) -> Option<&str> {
         self.reasons.get(source)?.get(item).map(|s| s.as_str())
+    }
+
+    /// Every rule of a STIG benchmark (`ubuntu2204`, `docker-enterprise-2.x`)
+    /// with its item (title), in document order; its release; and the
+    /// coverage source that lists it.
+    pub fn stig_rules(&self, benchmark: &str) -> Option<StigRules<'_>> {
+        let t = STIGS.iter().find(|t| t.benchmark == benchmark)?;
+        let rules = self
+            .items(t.source)?
+            .iter()
+            .filter_map(|i| {
+                let v = i.keys.iter().find_map(|k| k.strip_prefix("stig:"))?;
+                Some((self.stig(v)?, i))
+            })
+            .collect();
+        Some((t.release, t.source, rules))
     }
 
     pub fn reasons(&self, source: &str) -> impl Iterator<Item = (&String, &String)> {

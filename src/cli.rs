@@ -57,6 +57,11 @@ pub enum Command {
     Controls(ControlsArgs),
     /// Show how the catalog covers a reference document, item by item
     Coverage(CoverageArgs),
+    /// Compare two scan reports: regressions, fixes, new and removed
+    /// controls, waiver changes (exit 1 on a regression)
+    Diff(DiffArgs),
+    /// Print the JSON Schema of `scan --format json`
+    Schema,
     /// List the hardening stages and their controls
     Stages(StagesArgs),
     /// The in-image verification agent (started by the image itself)
@@ -65,6 +70,42 @@ pub enum Command {
     /// Sleep SECONDS: the process of the docker role's probe containers
     #[command(hide = true)]
     Idle { seconds: u64 },
+}
+
+/// What `scan` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Text,
+    Json,
+    Junit,
+    Ckl,
+    Cklb,
+    Html,
+}
+
+impl ReportFormat {
+    /// The file name in a report directory.
+    fn file_name(self) -> &'static str {
+        match self {
+            ReportFormat::Text => "scan.txt",
+            ReportFormat::Json => "scan.json",
+            ReportFormat::Junit => "scan.junit.xml",
+            ReportFormat::Ckl => "scan.ckl",
+            ReportFormat::Cklb => "scan.cklb",
+            ReportFormat::Html => "scan.html",
+        }
+    }
+
+    fn render(self, r: &scan::Report, verbose: bool) -> String {
+        match self {
+            ReportFormat::Text => scan::report::render_text(r, verbose),
+            ReportFormat::Json => scan::report::render_json(r),
+            ReportFormat::Junit => scan::junit::render(r),
+            ReportFormat::Ckl => scan::checklist::render_ckl(r),
+            ReportFormat::Cklb => scan::checklist::render_cklb(r),
+            ReportFormat::Html => scan::html::render(r),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -219,20 +260,31 @@ pub struct VerifyArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("target").required(true).args(["root", "live"])))]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["root", "image", "live"])))]
 pub struct ScanArgs {
     /// Scan the root tree at DIR (symlinks resolved inside it)
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// Scan a disk image file (raw, qcow2, VMDK) without mounting it
+    #[arg(long, value_name = "FILE")]
+    pub image: Option<PathBuf>,
     /// Scan the running system
     #[arg(long)]
     pub live: bool,
-    /// Output format
-    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
-    pub format: OutputFormat,
-    /// Write the report to FILE instead of stdout
+    /// Report format (repeatable with --report-dir): text, json, junit,
+    /// ckl (STIG Viewer 2), cklb (STIG Viewer 3), html
+    #[arg(long, value_enum)]
+    pub format: Vec<ReportFormat>,
+    /// Write the report to FILE instead of stdout (one format)
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Write every report format (or those given) into DIR as scan.json,
+    /// scan.junit.xml, scan.ckl, scan.cklb, scan.html
+    #[arg(long, value_name = "DIR", conflicts_with = "output")]
+    pub report_dir: Option<PathBuf>,
+    /// Waivers (YAML): failing controls they name report `waived`
+    #[arg(long, value_name = "FILE")]
+    pub waivers: Option<PathBuf>,
     #[command(flatten)]
     pub select: SelectArgs,
     /// Only the controls that answer this benchmark
@@ -250,6 +302,26 @@ pub struct ControlsArgs {
     pub benchmark: Benchmark,
     #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
     pub format: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier scan (`scan --format json`)
+    pub old: PathBuf,
+    /// The later scan
+    pub new: PathBuf,
+    #[arg(long, value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+    /// Write to FILE instead of stdout
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    Text,
+    Json,
+    Junit,
 }
 
 #[derive(Debug, Args)]
@@ -373,6 +445,12 @@ fn run(cli: Cli) -> Result<i32> {
         Command::Prove(a) => prove_cmd(a),
         Command::Controls(a) => controls_cmd(a),
         Command::Coverage(a) => coverage_cmd(a),
+        Command::Diff(a) => diff_cmd(a),
+        Command::Schema => {
+            let schema = schemars::schema_for!(scan::Report);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(0)
+        }
         Command::Profiles(a) => profiles(a),
         Command::Stages(a) => stages(a),
         Command::Agent => {
@@ -644,6 +722,41 @@ struct CoverageRow<'a> {
     reason: Option<&'a str>,
 }
 
+/// A scan report from a file; anything else is the user's input error.
+fn read_report(file: &std::path::Path) -> Result<scan::Report> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::new(file, format!("cannot read the scan report: {e}")))?;
+    serde_json::from_str(&text).map_err(|e| {
+        ConfigError::new(
+            file,
+            format!("not a stemforge scan report (`scan --format json`): {e}"),
+        )
+        .with_line(Some(e.line()))
+        .into()
+    })
+}
+
+fn diff_cmd(a: DiffArgs) -> Result<i32> {
+    let old = read_report(&a.old)?;
+    let new = read_report(&a.new)?;
+    let d = scan::diff::diff(
+        &old,
+        &new,
+        &a.old.display().to_string(),
+        &a.new.display().to_string(),
+    );
+    let text = match a.format {
+        DiffFormat::Text => scan::diff::render_text(&d),
+        DiffFormat::Json => scan::diff::render_json(&d),
+        DiffFormat::Junit => scan::diff::render_junit(&d),
+    };
+    match &a.output {
+        Some(f) => crate::fsutil::write_atomic(f, text.as_bytes())?,
+        None => print!("{text}"),
+    }
+    Ok(if d.regressions == 0 { 0 } else { 1 })
+}
+
 fn coverage_cmd(a: CoverageArgs) -> Result<i32> {
     let catalog = Catalog::load(&stage_source(&a.stages))?;
     let b = benchmarks::get();
@@ -707,13 +820,37 @@ fn coverage_cmd(a: CoverageArgs) -> Result<i32> {
 }
 
 fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
+    if a.report_dir.is_none() && a.format.len() > 1 {
+        return Err(ConfigError::new(
+            "--format",
+            "several formats need --report-dir DIR (one file each)",
+        )
+        .into());
+    }
     let catalog = a.select.catalog()?;
-    let target = match &a.root {
-        Some(dir) => Target::root(dir)?,
-        None => Target::live(),
+    let waivers = match &a.waivers {
+        Some(f) => scan::waiver::load(f, &catalog)?,
+        None => Vec::new(),
+    };
+    let target = match (&a.root, &a.image) {
+        (Some(dir), _) => Target::root(dir)?,
+        (None, Some(file)) => {
+            let (t, layout) = Target::image(file).map_err(|e| {
+                // A damaged or unreadable image is bad input.
+                ConfigError::new(file, format!("{e:#}"))
+            })?;
+            for (point, what) in &layout.mounts {
+                progress::detail(&format!("{point}: {what}"));
+            }
+            for n in &layout.notes {
+                progress::detail(n);
+            }
+            t
+        }
+        (None, None) => Target::live(),
     };
     let ctx = ScanContext::detect(&target, a.select.roles());
-    let report = scan::run(
+    let mut report = scan::run(
         &catalog,
         &target,
         &ctx,
@@ -722,13 +859,39 @@ fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
             benchmark: a.benchmark,
         },
     );
-    let text = match a.format {
-        OutputFormat::Json => scan::report::render_json(&report),
-        OutputFormat::Text => scan::report::render_text(&report, verbose),
-    };
-    match &a.output {
-        Some(f) => crate::fsutil::write_atomic(f, text.as_bytes())?,
-        None => print!("{text}"),
+    if !waivers.is_empty() {
+        let today = chrono::Utc::now().date_naive();
+        scan::waiver::apply(&mut report, &waivers, &ctx.profile, today);
+    }
+    match &a.report_dir {
+        Some(dir) => {
+            let formats = if a.format.is_empty() {
+                vec![
+                    ReportFormat::Json,
+                    ReportFormat::Junit,
+                    ReportFormat::Ckl,
+                    ReportFormat::Cklb,
+                    ReportFormat::Html,
+                ]
+            } else {
+                a.format.clone()
+            };
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating the report directory {}", dir.display()))?;
+            for f in formats {
+                let file = dir.join(f.file_name());
+                crate::fsutil::write_atomic(&file, f.render(&report, verbose).as_bytes())?;
+                progress::detail(&format!("wrote {}", file.display()));
+            }
+        }
+        None => {
+            let f = a.format.first().copied().unwrap_or(ReportFormat::Text);
+            let text = f.render(&report, verbose);
+            match &a.output {
+                Some(file) => crate::fsutil::write_atomic(file, text.as_bytes())?,
+                None => print!("{text}"),
+            }
+        }
     }
     Ok(if report.passed() { 0 } else { 1 })
 }

@@ -232,7 +232,9 @@ fn mode_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Er
         .map_err(serde::de::Error::custom)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     High,
@@ -259,7 +261,7 @@ enum LegacyScope {
 }
 
 /// A control's references, as reports carry them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Refs {
     /// Stemcell hardening FAQ items (`4.8.14`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -1139,6 +1141,7 @@ mod tests {
             pretty_name: String::new(),
             roles: vec![],
             roles_from: "none".into(),
+            profile: String::new(),
         };
         let w = When {
             version: vec!["22.04".into()],

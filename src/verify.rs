@@ -1831,6 +1831,7 @@ mod tests {
                 pretty_name: String::new(),
                 roles: vec![],
                 roles_from: "none".into(),
+                profile: String::new(),
             },
             started: String::new(),
             duration_ms: 0,

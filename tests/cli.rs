@@ -773,3 +773,156 @@ fn ubuntu_role_profiles_plan_their_roles_offline() {
         }
     }
 }
+
+#[test]
+fn waivers_waive_failing_controls_until_they_expire_and_diff_gates_on_regressions() {
+    let d = tempfile::tempdir().unwrap();
+    // A tree whose sshd forwards X11: the control fails.
+    let root = d.path().join("tree");
+    std::fs::create_dir_all(root.join("etc/ssh")).unwrap();
+    std::fs::write(root.join("etc/ssh/sshd_config"), "X11Forwarding yes\n").unwrap();
+    std::fs::write(
+        root.join("etc/os-release"),
+        "ID=debian\nVERSION_ID=\"12\"\nVERSION_CODENAME=bookworm\n",
+    )
+    .unwrap();
+    let waivers = d.path().join("waivers.yml");
+    let write_waiver = |expires: &str| {
+        std::fs::write(
+            &waivers,
+            format!(
+                "waivers:\n  - control: sshd-no-x11-forwarding\n    reason: break-glass access while the vendor agent is migrated\n    approver: J. Doe (ISSM)\n    expires: {expires}\n"
+            ),
+        )
+        .unwrap();
+    };
+    let scan = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "scan",
+            "--root",
+            root.to_str().unwrap(),
+            "--control",
+            "sshd-no-x11-forwarding",
+            "--format",
+            "json",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        stemforge(&args)
+    };
+    let plain = d.path().join("plain.json");
+    let o = scan(&[], &plain);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    // A current waiver: waived with its reason, not pass; exit 0.
+    write_waiver("2999-12-31");
+    let waived = d.path().join("waived.json");
+    let o = scan(&["--waivers", waivers.to_str().unwrap()], &waived);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&waived).unwrap()).unwrap();
+    let r = &v["results"][0];
+    assert_eq!(r["status"], "waived", "{r}");
+    assert_eq!(r["waiver"]["approver"], "J. Doe (ISSM)");
+    assert!(
+        r["evidence"][0].as_str().unwrap().contains("break-glass"),
+        "{r}"
+    );
+    assert_eq!(v["summary"]["waived"], 1);
+    // Every report shows it: JUnit skipped with the reason, the CKL's comments.
+    let reports = d.path().join("reports");
+    let o = stemforge([
+        "scan",
+        "--root",
+        root.to_str().unwrap(),
+        "--waivers",
+        waivers.to_str().unwrap(),
+        "--report-dir",
+        reports.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "other controls fail: {}",
+        text(&o)
+    );
+    let junit = std::fs::read_to_string(reports.join("scan.junit.xml")).unwrap();
+    assert!(
+        junit.contains("<skipped message=\"waived until 2999-12-31 by J. Doe (ISSM)"),
+        "{junit}"
+    );
+    let ckl = std::fs::read_to_string(reports.join("scan.ckl")).unwrap();
+    assert!(
+        ckl.contains("Current waiver for sshd-no-x11-forwarding"),
+        "no waiver in the CKL"
+    );
+    // An expired one fails, and says so.
+    write_waiver("2020-01-31");
+    let expired = d.path().join("expired.json");
+    let o = scan(&["--waivers", waivers.to_str().unwrap()], &expired);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&expired).unwrap()).unwrap();
+    assert_eq!(v["results"][0]["status"], "fail");
+    assert_eq!(v["results"][0]["waiver"]["expired"], true);
+    assert!(
+        v["results"][0]["evidence"][0]
+            .as_str()
+            .unwrap()
+            .contains("EXPIRED")
+    );
+    // diff: the lapsed waiver is a regression (exit 1); the reverse is a fix.
+    let o = stemforge(["diff", waived.to_str().unwrap(), expired.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("regressions (1)"), "{}", text(&o));
+    let o = stemforge([
+        "diff",
+        plain.to_str().unwrap(),
+        plain.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["regressions"], 0);
+    let o = stemforge([
+        "diff",
+        waived.to_str().unwrap(),
+        expired.to_str().unwrap(),
+        "--format",
+        "junit",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("<failure"),
+        "{}",
+        text(&o)
+    );
+    // Bad input: an unknown control in a waiver file, a report that is not one.
+    std::fs::write(
+        &waivers,
+        "waivers:\n  - control: sshd-no-x11-forwarding\n    reason: r\n    approver: a\n    expires: 2999-01-01\n  - control: sshd-no-such-thing\n    reason: r\n    approver: a\n    expires: 2999-01-01\n",
+    )
+    .unwrap();
+    let o = scan(
+        &["--waivers", waivers.to_str().unwrap()],
+        &d.path().join("x.json"),
+    );
+    assert_config_error(&o, waivers.to_str().unwrap(), 6, "waivers.control");
+    assert!(text(&o).contains("sshd-no-such-thing"), "{}", text(&o));
+    let bad = d.path().join("bad.json");
+    std::fs::write(&bad, "{\n  \"results\": 3\n}\n").unwrap();
+    let o = stemforge(["diff", bad.to_str().unwrap(), plain.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("bad.json"), "{}", text(&o));
+    // Several formats without a directory is refused before any work.
+    let o = stemforge([
+        "scan",
+        "--root",
+        root.to_str().unwrap(),
+        "--format",
+        "json",
+        "--format",
+        "ckl",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+}

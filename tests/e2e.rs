@@ -1386,3 +1386,263 @@ fn boot_through_bios_prints_an_ssh_command_that_logs_in_and_ctrl_c_powers_off() 
     assert!(log.contains("Linux version") && !log.contains("efi: EFI v"));
     done_with(&d);
 }
+
+/// The statuses and evidence of a scan, by control; the file walk's
+/// count aside (an image's file systems each hold a lost+found).
+fn outcomes(report: &Value) -> Vec<(String, String, Vec<String>)> {
+    report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["status"].as_str().unwrap().to_string(),
+                r["evidence"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e.as_str().unwrap().to_string())
+                    .filter(|e| !e.ends_with(" files walked"))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn an_image_file_scans_like_its_tree_in_every_format_without_mounting() {
+    require_root();
+    let b = shared_build();
+    let tree = scan_json(&b.tree, &[]);
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for file in [
+        "debian-bookworm.raw",
+        "debian-bookworm.qcow2",
+        "debian-bookworm.vmdk",
+    ] {
+        let image = b.out.join(file);
+        let t0 = Instant::now();
+        let o = stemforge([
+            "scan",
+            "--image",
+            image.to_str().unwrap(),
+            "--format",
+            "json",
+        ]);
+        let secs = t0.elapsed().as_secs_f64();
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{file}: {t}");
+        let scan: Value = serde_json::from_slice(&o.stdout).unwrap();
+        eprintln!("scan --image {file}: {secs:.1} s");
+        assert_eq!(scan["target"]["kind"], "image");
+        assert_eq!(scan["summary"], tree["summary"], "{file}");
+        assert_eq!(outcomes(&scan), outcomes(&tree), "{file}");
+        // The separate partitions are read as the image mounts them.
+        let ev = scan["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == "fs-tmp-separate")
+            .unwrap()["evidence"]
+            .to_string();
+        assert!(ev.contains("/tmp"), "{ev}");
+    }
+    // Nothing was mounted to do it.
+    assert_eq!(
+        std::fs::read_to_string("/proc/self/mountinfo").unwrap(),
+        mounts_before
+    );
+    // Every report, each checked by the validator its consumers use.
+    let dir = scratch("reports");
+    let o = stemforge([
+        "scan",
+        "--image",
+        b.out.join("debian-bookworm.qcow2").to_str().unwrap(),
+        "--report-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    validate::check_junit(&dir.join("scan.junit.xml")).unwrap();
+    validate::check_ckl(&dir.join("scan.ckl")).unwrap();
+    validate::check_json_schema(
+        Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/cklb/cklb.schema.json"
+        )),
+        &dir.join("scan.cklb"),
+    )
+    .unwrap();
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scan.json")).unwrap()).unwrap();
+    assert_eq!(outcomes(&json), outcomes(&tree));
+    // The JSON report follows the schema `stemforge schema` prints.
+    let o = stemforge(["schema"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let schema = dir.join("scan.schema.json");
+    std::fs::write(&schema, &o.stdout).unwrap();
+    validate::check_json_schema(&schema, &dir.join("scan.json")).unwrap();
+    let ckl = std::fs::read_to_string(dir.join("scan.ckl")).unwrap();
+    assert!(ckl.contains("<VULN_ATTRIBUTE>Vuln_Num</VULN_ATTRIBUTE>"));
+    assert!(ckl.contains("<STATUS>NotAFinding</STATUS>"));
+    assert!(ckl.contains("<HOST_NAME>debian-bookworm.qcow2</HOST_NAME>"));
+    let cklb: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("scan.cklb")).unwrap()).unwrap();
+    let stigs = cklb["stigs"].as_array().unwrap();
+    assert!(
+        stigs.iter().any(|s| s["stig_id"] == "ubuntu2204"),
+        "{stigs:?}"
+    );
+    let rules = stigs[0]["rules"].as_array().unwrap();
+    assert_eq!(rules.len() as u64, stigs[0]["size"].as_u64().unwrap());
+    assert!(rules.iter().any(|r| r["status"] == "not_a_finding"));
+    // The page loads in a real browser without console errors, its
+    // script runs, and its screenshot is kept as a test artifact.
+    let page = dir.join("scan.html");
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(
+        !html.contains("http://") && !html.contains("https://"),
+        "no external asset"
+    );
+    let browse = |extra: &[&str]| {
+        let profile = tempfile::tempdir().unwrap();
+        let mut args: Vec<String> = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1280,1400",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.push(format!("--user-data-dir={}", profile.path().display()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.push(format!("file://{}", page.display()));
+        let o = Command::new("chromium")
+            .args(&args)
+            .output()
+            .expect("chromium runs");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            !err.lines().any(|l| l.contains(":CONSOLE")),
+            "the page logged to the console: {err}"
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let dom = browse(&["--dump-dom"]);
+    assert!(
+        dom.contains("data-ready=\"yes\""),
+        "the page's script did not run"
+    );
+    let artifacts = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let shot = artifacts.join("scan-html.png");
+    let _ = std::fs::remove_file(&shot);
+    browse(&[&format!("--screenshot={}", shot.display())]);
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 10_000,
+        "{}",
+        shot.display()
+    );
+    done_with(&dir);
+}
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn a_damaged_image_is_a_clear_error_in_bounded_time() {
+    require_root();
+    let b = shared_build();
+    let dir = scratch("damaged");
+    let copy = |name: &str| {
+        let p = dir.join(name);
+        let st = Command::new("cp")
+            .args(["--sparse=always"])
+            .arg(&b.raw)
+            .arg(&p)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        p
+    };
+    let write_at = |file: &Path, offset: u64, bytes: &[u8]| {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(file).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(bytes).unwrap();
+    };
+    // The root partition's first byte, from the image's own GPT (the
+    // base layout: the ESP, then /).
+    let disk = gpt::GptConfig::new().writable(false).open(&b.raw).unwrap();
+    let root_start = disk.partitions()[&2].first_lba * 512;
+    let size = std::fs::metadata(&b.raw).unwrap().len();
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "truncated",
+            Box::new(move |p: &Path| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(size / 2).unwrap();
+            }),
+            "but the image has",
+        ),
+        (
+            "no-gpt",
+            Box::new(move |p: &Path| {
+                write_at(p, 512, &[0u8; 512]);
+                write_at(p, size - 512, &[0u8; 512]);
+            }),
+            "no valid GPT",
+        ),
+        (
+            "bad-superblock",
+            // The ext4 magic (0xEF53) at byte 56 of the superblock.
+            Box::new(move |p: &Path| write_at(p, root_start + 1024 + 56, &[0, 0])),
+            "no ext4 partition holds an /etc/fstab",
+        ),
+        (
+            "unknown-fs",
+            Box::new(move |p: &Path| {
+                let noise: Vec<u8> = (0..4u32 << 20)
+                    .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                    .collect();
+                write_at(p, root_start, &noise);
+            }),
+            "no ext4 partition holds an /etc/fstab",
+        ),
+    ];
+    for (name, damage, says) in cases {
+        let file = copy(&format!("{name}.raw"));
+        damage(&file);
+        let t0 = Instant::now();
+        let o = stemforge(["scan", "--image", file.to_str().unwrap()]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{name}: {t}");
+        assert!(t.contains(says), "{name}: {t}");
+        assert!(
+            t.contains(&format!("{name}.raw")),
+            "{name}: names the file: {t}"
+        );
+        assert!(!t.contains("panicked"), "{name}: {t}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{name}: {:?}",
+            t0.elapsed()
+        );
+        std::fs::remove_file(&file).unwrap();
+    }
+    // Not a disk image at all.
+    let junk = dir.join("junk.qcow2");
+    std::fs::write(&junk, b"QFI\xfbnot really").unwrap();
+    let o = stemforge(["scan", "--image", junk.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("qemu-img"), "{}", text(&o));
+    done_with(&dir);
+}

@@ -1,6 +1,7 @@
 //! The docker role's live proof, in the booted image: a container image
 //! is built locally (the image reaches no registry: a tar holding this
-//! static stemforge binary, imported), a hardened container from it
+//! stemforge binary, with its loader and libraries when it is not
+//! static, imported), a hardened container from it
 //! runs and passes the container controls, and a deliberately
 //! privileged one is flagged by them.
 
@@ -27,22 +28,50 @@ const CONTAINER_CONTROLS: &[&str] = &[
     "docker-containers-user",
 ];
 
-/// A one-file image: the static binary as /stemforge, run as nobody.
+/// The shared objects a dynamic executable loads (its interpreter
+/// too), as `ldd` lists them; none for a static one.
+fn shared_objects(exe: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let Ok(out) = run("ldd", &[exe.to_str().unwrap_or_default()]) else {
+        // ldd exits 1 on "not a dynamic executable".
+        return Vec::new();
+    };
+    out.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, rest)) => rest.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/')
+                .then(|| std::path::PathBuf::from(path))
+        })
+        .collect()
+}
+
+/// A minimal image: this binary as /stemforge (with its loader and
+/// libraries when it is not static), run as nobody.
 fn image_tar() -> std::result::Result<std::path::PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| format!("locating this binary: {e}"))?;
-    let bytes = std::fs::read(&exe).map_err(|e| format!("{}: {e}", exe.display()))?;
+    let mut files = vec![(std::path::PathBuf::from("stemforge"), exe.clone())];
+    for so in shared_objects(&exe) {
+        files.push((so.strip_prefix("/").unwrap_or(&so).to_path_buf(), so));
+    }
     let path = std::env::temp_dir().join("stemforge-probe.tar");
     let file = std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut b = tar::Builder::new(file);
-    let mut h = tar::Header::new_ustar();
-    h.set_size(bytes.len() as u64);
-    h.set_mode(0o755);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_cksum();
-    b.append_data(&mut h, "stemforge", bytes.as_slice())
-        .and_then(|_| b.finish())
+    for (name, source) in &files {
+        let bytes = std::fs::read(source).map_err(|e| format!("{}: {e}", source.display()))?;
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, name, bytes.as_slice())
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    b.finish()
         .map_err(|e| format!("writing {}: {e}", path.display()))?;
     Ok(path)
 }

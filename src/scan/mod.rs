@@ -4,14 +4,21 @@
 
 pub mod breaks;
 pub mod check;
+pub mod checklist;
+pub mod diff;
 pub mod expect;
+pub mod html;
+pub mod image;
+pub mod junit;
 pub mod keypath;
 pub mod kinds;
 pub mod outcome;
+pub mod qcow2;
 pub mod report;
 pub mod target;
 pub mod users;
 pub mod view;
+pub mod waiver;
 
 use crate::stage::{Catalog, Refs, Severity};
 use outcome::{Outcome, Status};
@@ -37,7 +44,7 @@ pub struct ImageInfo {
 }
 
 /// The facts that decide which controls apply.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ScanContext {
     pub distro: String,
     pub codename: String,
@@ -46,6 +53,9 @@ pub struct ScanContext {
     pub roles: Vec<String>,
     /// Where the roles came from: the image record, the command line, or none.
     pub roles_from: String,
+    /// The profile the image was built from (its record), if known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub profile: String,
 }
 
 impl ScanContext {
@@ -81,12 +91,13 @@ impl ScanContext {
             pretty_name: get("PRETTY_NAME"),
             roles,
             roles_from,
+            profile: info.map(|i| i.profile).unwrap_or_default(),
         }
     }
 }
 
 /// One control's result.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct ControlResult {
     pub id: String,
     pub title: String,
@@ -96,18 +107,23 @@ pub struct ControlResult {
     pub check: String,
     pub status: Status,
     pub evidence: Vec<String>,
+    /// The waiver that applies to it, current or expired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiver: Option<waiver::Applied>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
 pub struct Summary {
     pub total: usize,
     pub pass: usize,
     pub fail: usize,
     pub not_applicable: usize,
     pub error: usize,
+    #[serde(default)]
+    pub waived: usize,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct TargetInfo {
     /// `root` or `live`.
     pub kind: String,
@@ -115,7 +131,7 @@ pub struct TargetInfo {
 }
 
 /// The scan report (`--format json` prints exactly this).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 pub struct Report {
     pub scanner: String,
     pub version: String,
@@ -183,6 +199,24 @@ impl Benchmark {
     }
 }
 
+/// The counts of each status.
+pub fn summarize(results: &[ControlResult]) -> Summary {
+    let mut summary = Summary {
+        total: results.len(),
+        ..Default::default()
+    };
+    for r in results {
+        match r.status {
+            Status::Pass => summary.pass += 1,
+            Status::Fail => summary.fail += 1,
+            Status::NotApplicable => summary.not_applicable += 1,
+            Status::Error => summary.error += 1,
+            Status::Waived => summary.waived += 1,
+        }
+    }
+    summary
+}
+
 /// Evaluate the catalog against `target`.
 pub fn run(catalog: &Catalog, target: &Target, ctx: &ScanContext, sel: &Selection) -> Report {
     let t0 = Instant::now();
@@ -210,25 +244,15 @@ pub fn run(catalog: &Catalog, target: &Target, ctx: &ScanContext, sel: &Selectio
             check: control.check.describe(),
             status: outcome.status,
             evidence: outcome.evidence,
+            waiver: None,
         });
     }
-    let mut summary = Summary {
-        total: results.len(),
-        ..Default::default()
-    };
-    for r in &results {
-        match r.status {
-            Status::Pass => summary.pass += 1,
-            Status::Fail => summary.fail += 1,
-            Status::NotApplicable => summary.not_applicable += 1,
-            Status::Error => summary.error += 1,
-        }
-    }
+    let summary = summarize(&results);
     Report {
         scanner: "stemforge".into(),
         version: crate::VERSION.into(),
         target: TargetInfo {
-            kind: if target.is_live() { "live" } else { "root" }.into(),
+            kind: target.kind().into(),
             path: target.root_dir().display().to_string(),
         },
         context: ctx.clone(),

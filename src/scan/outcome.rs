@@ -3,13 +3,27 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Pass,
     Fail,
     NotApplicable,
     Error,
+    /// Failed, with a current waiver (see [`super::waiver`]).
+    Waived,
 }
 
 impl Status {
@@ -18,6 +32,7 @@ impl Status {
             Status::Pass => "pass",
             Status::Fail => "fail",
             Status::NotApplicable => "not_applicable",
+            Status::Waived => "waived",
             Status::Error => "error",
         }
     }

@@ -17,10 +17,10 @@ pub fn render_text(r: &Report, verbose: bool) -> String {
     } else {
         r.context.pretty_name.clone()
     };
-    let target = if r.target.kind == "live" {
-        "the live host".to_string()
-    } else {
-        format!("root tree {}", r.target.path)
+    let target = match r.target.kind.as_str() {
+        "live" => "the live host".to_string(),
+        "image" => format!("disk image {}", r.target.path),
+        _ => format!("root tree {}", r.target.path),
     };
     out.push_str(&format!(
         "stemforge scan of {target} ({os}; roles: {roles})\n\n"
@@ -31,6 +31,7 @@ pub fn render_text(r: &Report, verbose: bool) -> String {
             Status::Pass => "PASS",
             Status::Fail => "FAIL",
             Status::NotApplicable => "N/A ",
+            Status::Waived => "WAIV",
             Status::Error => "ERR ",
         };
         out.push_str(&format!(
@@ -39,7 +40,7 @@ pub fn render_text(r: &Report, verbose: bool) -> String {
             c.severity.as_str(),
             c.title
         ));
-        let show = matches!(c.status, Status::Fail | Status::Error) || verbose;
+        let show = matches!(c.status, Status::Fail | Status::Error | Status::Waived) || verbose;
         if show {
             for e in &c.evidence {
                 out.push_str(&format!("      {e}\n"));
@@ -48,8 +49,8 @@ pub fn render_text(r: &Report, verbose: bool) -> String {
     }
     let s = &r.summary;
     out.push_str(&format!(
-        "\n{} controls: {} pass, {} fail, {} not applicable, {} error ({} ms)\n",
-        s.total, s.pass, s.fail, s.not_applicable, s.error, r.duration_ms
+        "\n{} controls: {} pass, {} fail, {} not applicable, {} error, {} waived ({} ms)\n",
+        s.total, s.pass, s.fail, s.not_applicable, s.error, s.waived, r.duration_ms
     ));
     out
 }
@@ -57,6 +58,43 @@ pub fn render_text(r: &Report, verbose: bool) -> String {
 /// The report as pretty JSON, ending in a newline.
 pub fn render_json(r: &Report) -> String {
     serde_json::to_string_pretty(r).expect("a report serializes") + "\n"
+}
+
+/// An XML document written by quick-xml: the declaration, then what
+/// `body` writes (indented by `indent`), ending in a newline.
+pub fn xml_document(
+    indent: (u8, usize),
+    body: impl FnOnce(&mut quick_xml::Writer<Vec<u8>>) -> std::io::Result<()>,
+) -> String {
+    use quick_xml::events::{BytesDecl, Event};
+    let mut w = quick_xml::Writer::new_with_indent(Vec::new(), indent.0, indent.1);
+    w.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))
+        .and_then(|_| body(&mut w))
+        .expect("writing XML to memory cannot fail");
+    String::from_utf8(w.into_inner()).expect("quick-xml writes UTF-8") + "\n"
+}
+
+/// A control's references in one line: STIG rules, CIS
+/// recommendations, FAQ items.
+pub fn refs_text(c: &super::ControlResult) -> String {
+    c.refs
+        .stig
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} ({} {}, {})",
+                r.id, r.version, r.benchmark, r.release, r.severity
+            )
+        })
+        .chain(
+            c.refs
+                .cis
+                .iter()
+                .map(|r| format!("CIS {} {}", r.benchmark, r.id)),
+        )
+        .chain(c.refs.faq.iter().map(|f| format!("stemcell FAQ {f}")))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The current UTC time as RFC 3339 (`2026-11-22T06:30:00Z`).

@@ -25,6 +25,8 @@ pub struct Target {
     view: Arc<dyn FsView>,
     root: PathBuf,
     live: bool,
+    /// `root`, `image` or `live`, for reports.
+    kind: &'static str,
     /// Set for the length of one scan ([`Target::scanning`]).
     cache: Option<Arc<Cache>>,
 }
@@ -62,8 +64,26 @@ impl Target {
             view: Arc::new(view),
             root,
             live: false,
+            kind: "root",
             cache: None,
         })
+    }
+
+    /// A disk image file, read in userspace through its partitions and
+    /// its own fstab (see [`super::image`]); also what it holds.
+    pub fn image(file: &Path) -> Result<(Target, super::image::Layout)> {
+        let view = super::image::ImageView::open(file)?;
+        let layout = view.layout.clone();
+        Ok((
+            Target {
+                view: Arc::new(view),
+                root: file.to_path_buf(),
+                live: false,
+                kind: "image",
+                cache: None,
+            },
+            layout,
+        ))
     }
 
     /// The running system this process is on.
@@ -72,12 +92,18 @@ impl Target {
             view: Arc::new(LiveView),
             root: PathBuf::from("/"),
             live: true,
+            kind: "live",
             cache: None,
         }
     }
 
     pub fn is_live(&self) -> bool {
         self.live
+    }
+
+    /// `root`, `image` or `live`.
+    pub fn kind(&self) -> &'static str {
+        self.kind
     }
 
     /// The same target for one scan: what it reads and runs is kept and

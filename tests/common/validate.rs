@@ -104,3 +104,48 @@ pub fn check_cyclonedx(file: &Path) -> Result<(), String> {
 pub fn check_spdx(file: &Path) -> Result<(), String> {
     run(validator("pyspdxtools"), &["-i"], &[file])
 }
+
+/// Validates argv[2] against the XSD argv[1] with local files only.
+const XSD_CHECK: &str = r#"
+import sys, xmlschema
+schema = xmlschema.XMLSchema(sys.argv[1], allow="local")
+errors = list(schema.iter_errors(sys.argv[2]))
+for e in errors[:20]:
+    print(e.path, e.reason)
+sys.exit(1 if errors else 0)
+"#;
+
+/// A JUnit report against the Surefire JUnit XSD CI systems read.
+pub fn check_junit(file: &Path) -> Result<(), String> {
+    let xsd = schemas("junit/junit-10.xsd");
+    run(validator("python"), &["-c", XSD_CHECK], &[&xsd, file])
+}
+
+/// A STIG Viewer 2 checklist against DISA's checklist schema.
+pub fn check_ckl(file: &Path) -> Result<(), String> {
+    let xsd = schemas("ckl/U_Checklist_Schema_V2.xsd");
+    run(validator("python"), &["-c", XSD_CHECK], &[&xsd, file])
+}
+
+/// Validates the JSON argv[2] against the JSON schema argv[1] (its
+/// `$schema` picks the draft).
+const JSON_SCHEMA_CHECK: &str = r#"
+import json, pathlib, sys
+from jsonschema.validators import validator_for
+schema = json.loads(pathlib.Path(sys.argv[1]).read_text())
+cls = validator_for(schema)
+cls.check_schema(schema)
+errors = list(cls(schema).iter_errors(json.loads(pathlib.Path(sys.argv[2]).read_text())))
+for e in errors[:20]:
+    print("/".join(map(str, e.absolute_path)), e.message[:300], file=sys.stderr)
+sys.exit(1 if errors else 0)
+"#;
+
+/// A JSON document against a JSON schema file.
+pub fn check_json_schema(schema: &Path, file: &Path) -> Result<(), String> {
+    run(
+        validator("python"),
+        &["-c", JSON_SCHEMA_CHECK],
+        &[schema, file],
+    )
+}
