@@ -81,6 +81,7 @@ pub enum ReportFormat {
     Ckl,
     Cklb,
     Html,
+    Sarif,
 }
 
 impl ReportFormat {
@@ -93,6 +94,7 @@ impl ReportFormat {
             ReportFormat::Ckl => "scan.ckl",
             ReportFormat::Cklb => "scan.cklb",
             ReportFormat::Html => "scan.html",
+            ReportFormat::Sarif => "scan.sarif",
         }
     }
 
@@ -104,6 +106,7 @@ impl ReportFormat {
             ReportFormat::Ckl => scan::checklist::render_ckl(r),
             ReportFormat::Cklb => scan::checklist::render_cklb(r),
             ReportFormat::Html => scan::html::render(r),
+            ReportFormat::Sarif => scan::sarif::render(r),
         }
     }
 }
@@ -272,14 +275,14 @@ pub struct ScanArgs {
     #[arg(long)]
     pub live: bool,
     /// Report format (repeatable with --report-dir): text, json, junit,
-    /// ckl (STIG Viewer 2), cklb (STIG Viewer 3), html
+    /// ckl (STIG Viewer 2), cklb (STIG Viewer 3), html, sarif
     #[arg(long, value_enum)]
     pub format: Vec<ReportFormat>,
     /// Write the report to FILE instead of stdout (one format)
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Write every report format (or those given) into DIR as scan.json,
-    /// scan.junit.xml, scan.ckl, scan.cklb, scan.html
+    /// scan.junit.xml, scan.ckl, scan.cklb, scan.html, scan.sarif
     #[arg(long, value_name = "DIR", conflicts_with = "output")]
     pub report_dir: Option<PathBuf>,
     /// Waivers (YAML): failing controls they name report `waived`
@@ -872,6 +875,7 @@ fn scan_cmd(a: ScanArgs, verbose: bool) -> Result<i32> {
                     ReportFormat::Ckl,
                     ReportFormat::Cklb,
                     ReportFormat::Html,
+                    ReportFormat::Sarif,
                 ]
             } else {
                 a.format.clone()

@@ -1638,11 +1638,22 @@ fn a_damaged_image_is_a_clear_error_in_bounded_time() {
         );
         std::fs::remove_file(&file).unwrap();
     }
+    // A truncated qcow2 is refused when opened.
+    let short = dir.join("truncated.qcow2");
+    std::fs::copy(b.out.join("debian-bookworm.qcow2"), &short).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&short)
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() / 2).unwrap();
+    let o = stemforge(["scan", "--image", short.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("beyond the end"), "{}", text(&o));
     // Not a disk image at all.
     let junk = dir.join("junk.qcow2");
     std::fs::write(&junk, b"QFI\xfbnot really").unwrap();
     let o = stemforge(["scan", "--image", junk.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("qemu-img"), "{}", text(&o));
+    assert!(text(&o).contains("qcow2: not a qcow2 file"), "{}", text(&o));
     done_with(&dir);
 }

@@ -15,6 +15,7 @@ pub mod kinds;
 pub mod outcome;
 pub mod qcow2;
 pub mod report;
+pub mod sarif;
 pub mod target;
 pub mod users;
 pub mod view;

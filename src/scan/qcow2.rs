@@ -102,7 +102,7 @@ impl Qcow2 {
         let mut raw = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut raw, l1_offset)?;
         let l1 = raw.chunks_exact(8).map(|c| be64(c, 0)).collect();
-        Ok(Qcow2 {
+        let mut q = Qcow2 {
             file,
             file_len,
             cluster_bits,
@@ -110,7 +110,41 @@ impl Qcow2 {
             l1,
             l2: HashMap::new(),
             clusters: HashMap::new(),
-        })
+        };
+        q.check_tables()?;
+        Ok(q)
+    }
+
+    /// Every table and cluster the image maps lies inside the file: a
+    /// truncated image is refused when opened, not found out file by
+    /// file during a scan. Each distinct L2 table is read once, so the
+    /// work is bounded by the file's size.
+    fn check_tables(&mut self) -> io::Result<()> {
+        let mut seen = std::collections::HashSet::new();
+        let cluster = self.cluster_size();
+        for l1 in self.l1.clone() {
+            let offset = l1 & OFFSET_MASK;
+            if offset == 0 || !seen.insert(offset) {
+                continue;
+            }
+            let table = self.l2_table(offset)?;
+            for &entry in table.iter() {
+                let (host, len) = if entry & (1 << 62) != 0 {
+                    let x = 62 - (self.cluster_bits - 8);
+                    (entry & ((1u64 << x) - 1), 1)
+                } else {
+                    (entry & OFFSET_MASK, cluster)
+                };
+                if host != 0 && host.checked_add(len).is_none_or(|e| e > self.file_len) {
+                    return Err(bad(format!(
+                        "a cluster at byte {host} lies beyond the end of the {}-byte file (truncated?)",
+                        self.file_len
+                    )));
+                }
+            }
+        }
+        self.l2.clear();
+        Ok(())
     }
 
     fn cluster_size(&self) -> u64 {
