@@ -5,6 +5,7 @@
 //! checked inputs into the tree after the stages ran.
 
 pub mod docker;
+pub mod k8s;
 pub mod postgres;
 
 use crate::config::ConfigError;
@@ -338,49 +339,17 @@ pub fn prove_live(roles: &[String], rescan: Rescan) -> Vec<Proof> {
         out.extend(postgres::prove());
     }
     if roles.iter().any(|r| r == "k8s-node") {
-        out.push(kubelet_proof());
+        out.push(k8s::prove());
     }
     out
 }
 
-/// The k8s-node role: the kubelet runs when the build was given one; an
-/// image built without it says which live checks could not run.
-fn kubelet_proof() -> Proof {
-    let mut p = Proof::new(
-        "k8s-node",
-        "the kubelet runs with the hardened configuration",
-    );
-    let bin = "/usr/local/bin/kubelet";
-    if !Path::new(bin).exists() {
-        p.passed = false;
-        p.skipped = Some(format!(
-            "{bin} is not installed (built without `--role-input kubelet=FILE`): the kubelet's service, its serving port and its live configuration were not checked; the configuration file, unit, directories, modes, modules and sysctls were"
-        ));
-        return p;
-    }
-    let v = run(bin, &["--version"]);
-    p.step(v.is_ok(), format!("{bin} --version: {v:?}"));
-    let active = run("systemctl", &["is-active", "kubelet"]);
-    p.step(
-        active.as_deref() == Ok("active"),
-        format!("kubelet.service: {active:?}"),
-    );
-    p
-}
-
-/// Run a command; its stdout, or the command line with its stderr.
+/// Run a command; its stdout, or the runner's error (the command line
+/// with its stderr tail).
 fn run(program: &str, args: &[&str]) -> std::result::Result<String, String> {
-    let line = format!("{program} {}", args.join(" "));
-    match crate::exec::cmd(program, args)
+    crate::exec::cmd(program, args)
         .timeout(std::time::Duration::from_secs(120))
-        .run_unchecked()
-    {
-        Ok(o) if o.status.success() => Ok(o.stdout_str().trim().to_string()),
-        Ok(o) => Err(format!(
-            "{line}: exit {:?}: {}",
-            o.status.code(),
-            o.stderr_str().trim()
-        )),
-        Err(e) => Err(format!("{line}: {e:#}")),
-    }
+        .read()
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{e:#}"))
 }

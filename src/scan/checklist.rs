@@ -55,14 +55,14 @@ pub struct Rule<'a> {
 
 /// One STIG's checklist.
 pub struct Stig<'a> {
-    pub benchmark: &'a str,
+    pub benchmark: String,
     pub release: &'a str,
     pub rules: Vec<Rule<'a>>,
 }
 
 impl Stig<'_> {
     pub fn title(&self) -> String {
-        let name = match self.benchmark {
+        let name = match self.benchmark.as_str() {
             "ubuntu2204" => "Canonical Ubuntu 22.04 LTS",
             "ubuntu2404" => "Canonical Ubuntu 24.04 LTS",
             "docker-enterprise-2.x" => "Docker Enterprise 2.x Linux/UNIX",
@@ -77,7 +77,7 @@ impl Stig<'_> {
     /// `V2R8` -> ("2", "Release: 8 Benchmark Date: 01 Apr 2026"), as
     /// STIG Viewer writes it (the date where the benchmark table has it).
     fn version_release(&self) -> (String, String) {
-        let date = match self.benchmark {
+        let date = match self.benchmark.as_str() {
             "ubuntu2204" => " Benchmark Date: 01 Apr 2026",
             "ubuntu2404" => " Benchmark Date: 01 Jul 2026",
             "docker-enterprise-2.x" | "postgresql-9.x" => " Benchmark Date: 24 Jul 2024",
@@ -133,27 +133,13 @@ pub fn build(r: &Report) -> Vec<Stig<'static>> {
             })
             .collect();
         out.push(Stig {
-            benchmark: STIG_NAMES
-                .iter()
-                .find(|n| **n == bench)
-                .copied()
-                .unwrap_or("stig"),
+            benchmark: bench.to_string(),
             release,
             rules,
         });
     }
     out
 }
-
-/// The benchmarks' names with a static lifetime.
-const STIG_NAMES: &[&str] = &[
-    "ubuntu2204",
-    "ubuntu2404",
-    "docker-enterprise-2.x",
-    "postgresql-9.x",
-    "kubernetes",
-    "mirantis-mke",
-];
 
 fn rule<'a>(
     stig: &'a StigRef,
@@ -309,7 +295,7 @@ pub fn render_ckl(r: &Report) -> String {
                             for (k, v) in [
                                 ("version", version.as_str()),
                                 ("classification", "UNCLASSIFIED"),
-                                ("stigid", s.benchmark),
+                                ("stigid", s.benchmark.as_str()),
                                 ("releaseinfo", release.as_str()),
                                 ("title", s.title().as_str()),
                                 ("uuid", s.uuid().as_str()),

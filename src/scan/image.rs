@@ -16,6 +16,7 @@
 //! `Rc`), while a view is shared between threads; one worker thread owns
 //! every mounted file system and answers the view's calls in turn.
 
+use super::target::{MAX_HOPS, split};
 use super::view::{FsView, Kind, Meta};
 use crate::exec;
 use anyhow::{Context, Result, bail};
@@ -25,8 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::mpsc;
 
-/// Symlink hops allowed while resolving one path (as the kernel's 40).
-const MAX_HOPS: usize = 40;
 /// The most directory entries read from one directory.
 const MAX_ENTRIES: usize = 1_000_000;
 
@@ -186,13 +185,6 @@ fn meta(m: &ext4_view::Metadata) -> Meta {
         gid: m.gid(),
         size: m.len(),
     }
-}
-
-fn split(path: &str) -> Vec<String> {
-    path.split('/')
-        .filter(|c| !c.is_empty())
-        .map(str::to_string)
-        .collect()
 }
 
 fn join(comps: &[String]) -> String {

@@ -8,45 +8,17 @@ use crate::scan::target::Target;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// A structured file and what its key paths must hold: the body of the
-/// `json` and `yaml` kinds, which differ only in their parser.
+/// A structured file and what its key paths must hold: the `json`
+/// (`YAML = false`) and `yaml` kinds, which differ only in their parser.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DocumentCheck {
+pub struct Document<const YAML: bool> {
     pub path: String,
     #[serde(deserialize_with = "deserialize_expect_map")]
     pub keys: Vec<(String, Expect)>,
 }
 
-/// Parses a document's text; the error names line and column when the
-/// parser knows them.
-pub type Parse = fn(&str) -> Result<Value, String>;
-
-/// The `json` (`YAML = false`) and `yaml` kinds: one body, two parsers.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(transparent)]
-pub struct Document<const YAML: bool>(pub DocumentCheck);
-
 impl<const YAML: bool> Document<YAML> {
-    pub fn validate(&self) -> Result<(), String> {
-        self.0.validate()
-    }
-
-    pub fn describe(&self) -> String {
-        self.0.describe()
-    }
-
-    pub fn eval(&self, t: &Target) -> Outcome {
-        let parse: Parse = if YAML {
-            crate::scan::kinds::yaml::parse
-        } else {
-            crate::scan::kinds::json::parse
-        };
-        self.0.eval(t, parse)
-    }
-}
-
-impl DocumentCheck {
     pub fn validate(&self) -> Result<(), String> {
         if !self.path.starts_with('/') {
             return Err(format!("path `{}` must be absolute", self.path));
@@ -59,14 +31,20 @@ impl DocumentCheck {
     }
 
     /// A missing file fails; one that does not parse fails with the
-    /// parser's position, since the service reading it would refuse it.
-    pub fn eval(&self, t: &Target, parse: Parse) -> Outcome {
+    /// parser's position (its error names line and column), since the
+    /// service reading it would refuse it.
+    pub fn eval(&self, t: &Target) -> Outcome {
         let text = match t.read_optional(&self.path) {
             Ok(Some(s)) => s,
             Ok(None) => return Outcome::fail(format!("{}: does not exist", self.path)),
             Err(e) => return Outcome::error(format!("{}: {e}", self.path)),
         };
-        let doc = match parse(&text) {
+        let parsed = if YAML {
+            crate::scan::kinds::yaml::parse(&text)
+        } else {
+            crate::scan::kinds::json::parse(&text)
+        };
+        let doc = match parsed {
             Ok(d) => d,
             Err(e) => return Outcome::fail(format!("{}{e}", self.path)),
         };

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Symlink hops allowed while resolving one path (as the kernel's 40).
-const MAX_HOPS: usize = 40;
+pub(super) const MAX_HOPS: usize = 40;
 
 /// The largest file a check reads whole; a bigger one is an error, not a
 /// partial read.
@@ -416,7 +416,7 @@ impl Target {
     }
 }
 
-fn split(path: &str) -> Vec<String> {
+pub(super) fn split(path: &str) -> Vec<String> {
     path.split('/')
         .filter(|c| !c.is_empty())
         .map(str::to_string)
