@@ -234,9 +234,9 @@ pub fn bootstrap(
     cache: &Cache,
     spec: &BootstrapSpec,
     releases: &[Vec<u8>],
-) -> Result<(PathBuf, Hit, String)> {
+) -> Result<(PathBuf, Hit, String, crate::cache::Lock)> {
     let key = cache_key(spec, releases);
-    let (entry, hit) = cache.get_or_make("bootstrap", &key, |dir| {
+    let (entry, hit, lock) = cache.get_or_make("bootstrap", &key, |dir| {
         let tree = dir.join("rootfs");
         let seed = dir.join("seed");
         spec.write_seed(&seed)?;
@@ -248,7 +248,7 @@ pub fn bootstrap(
         std::fs::write(dir.join("spec.json"), meta).context("writing spec.json")?;
         Ok(())
     })?;
-    Ok((entry.join("rootfs"), hit, key))
+    Ok((entry.join("rootfs"), hit, key, lock))
 }
 
 #[cfg(test)]

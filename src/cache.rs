@@ -1,7 +1,10 @@
 //! A content-addressed cache of bootstrapped trees. An entry is made under
 //! a temporary name and renamed when complete, under an exclusive lock, so
 //! concurrent builds wait for one another and a killed build leaves no
-//! half-made entry behind.
+//! half-made entry behind. Its completion marker names its key: an entry
+//! without one, or with another's, is made again, never used. A build
+//! holds a shared lock on the entry it uses, so pruning (by another build)
+//! skips it.
 
 use crate::fsutil;
 use anyhow::{Context, Result};
@@ -26,19 +29,58 @@ pub struct Lock {
 }
 
 impl Lock {
-    pub fn acquire(path: &Path) -> Result<Lock> {
+    fn open(path: &Path) -> Result<File> {
         if let Some(d) = path.parent() {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let file =
-            File::create(path).with_context(|| format!("creating lock {}", path.display()))?;
+        File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening lock {}", path.display()))
+    }
+
+    fn flock(file: &File, op: i32) -> std::io::Result<()> {
         // SAFETY: flock on a descriptor we own.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("locking {}", path.display()));
+        match unsafe { libc::flock(file.as_raw_fd(), op) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
         }
+    }
+
+    /// Wait for the exclusive lock.
+    pub fn acquire(path: &Path) -> Result<Lock> {
+        let file = Lock::open(path)?;
+        Lock::flock(&file, libc::LOCK_EX).with_context(|| format!("locking {}", path.display()))?;
         Ok(Lock { _file: file })
+    }
+
+    /// The exclusive lock if nobody holds the lock now; `None` otherwise.
+    pub fn try_acquire(path: &Path) -> Result<Option<Lock>> {
+        let file = Lock::open(path)?;
+        match Lock::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => Ok(Some(Lock { _file: file })),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
+        }
+    }
+
+    /// Turn an exclusive lock into a shared one (others may share it).
+    pub fn share(self) -> Result<Lock> {
+        Lock::flock(&self._file, libc::LOCK_SH).context("sharing a lock")?;
+        Ok(self)
+    }
+
+    /// Write a note into the lock file (who holds it).
+    pub fn note(&self, text: &str) -> Result<()> {
+        use std::io::{Seek, Write};
+        let mut f = &self._file;
+        f.set_len(0)?;
+        f.seek(std::io::SeekFrom::Start(0))?;
+        f.write_all(text.as_bytes())?;
+        Ok(())
     }
 }
 
@@ -66,19 +108,27 @@ impl Cache {
     }
 
     /// The directory of entry `key` of `kind`, making it with `make` (which
-    /// fills the directory it is given) when absent.
+    /// fills the directory it is given) when absent, and a shared lock on
+    /// it: hold it while the entry is in use.
     pub fn get_or_make(
         &self,
         kind: &str,
         key: &str,
         make: impl FnOnce(&Path) -> Result<()>,
-    ) -> Result<(PathBuf, Hit)> {
+    ) -> Result<(PathBuf, Hit, Lock)> {
         let base = self.dir.join(kind);
         let entry = base.join(key);
-        let _lock = Lock::acquire(&base.join(format!(".{key}.lock")))?;
-        if entry.join(".complete").exists() {
-            touch(&entry.join(".complete"));
-            return Ok((entry, Hit::Hit));
+        let lock = Lock::acquire(&base.join(format!(".{key}.lock")))?;
+        let marker = entry.join(".complete");
+        if std::fs::read_to_string(&marker).is_ok_and(|k| k == key) {
+            touch(&marker);
+            return Ok((entry, Hit::Hit, lock.share()?));
+        }
+        if entry.exists() {
+            crate::progress::warn(&format!(
+                "cache entry {} is incomplete or damaged (no completion marker for its key): making it again",
+                entry.display()
+            ));
         }
         // Leftovers of a killed run: an incomplete entry or a temporary.
         fsutil::remove_tree(&entry)?;
@@ -86,12 +136,13 @@ impl Cache {
         fsutil::remove_tree(&tmp)?;
         std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         make(&tmp)?;
-        std::fs::write(tmp.join(".complete"), b"")
+        fsutil::sync_fs(&tmp)?;
+        std::fs::write(tmp.join(".complete"), key.as_bytes())
             .with_context(|| format!("marking {} complete", tmp.display()))?;
         std::fs::rename(&tmp, &entry)
             .with_context(|| format!("renaming {} to {}", tmp.display(), entry.display()))?;
         self.prune(kind, key)?;
-        Ok((entry, Hit::Miss))
+        Ok((entry, Hit::Miss, lock.share()?))
     }
 
     /// Keep the newest entries of a kind; never the one just used.
@@ -114,7 +165,14 @@ impl Cache {
             .collect();
         entries.sort_by_key(|e| std::cmp::Reverse(e.0));
         for (_, p) in entries.into_iter().skip(KEEP) {
-            if p.file_name().map(|n| n != keep_key).unwrap_or(true) {
+            let Some(name) = p.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            if name == keep_key {
+                continue;
+            }
+            // An entry another build uses holds its lock shared: skip it.
+            if let Some(_gone) = Lock::try_acquire(&base.join(format!(".{name}.lock")))? {
                 fsutil::remove_tree(&p)?;
             }
         }
@@ -137,7 +195,7 @@ mod tests {
     fn makes_once_then_hits() {
         let d = tempfile::tempdir().unwrap();
         let c = Cache::new(d.path());
-        let (p, hit) = c
+        let (p, hit, _lock) = c
             .get_or_make("t", "k1", |dir| {
                 std::fs::write(dir.join("x"), "1")?;
                 Ok(())
@@ -145,10 +203,63 @@ mod tests {
             .unwrap();
         assert_eq!(hit, Hit::Miss);
         assert_eq!(std::fs::read_to_string(p.join("x")).unwrap(), "1");
-        let (_, hit) = c
+        let (_, hit, _) = c
             .get_or_make("t", "k1", |_| panic!("must not remake"))
             .unwrap();
         assert_eq!(hit, Hit::Hit);
+    }
+
+    #[test]
+    fn an_entry_without_its_marker_is_made_again() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::new(d.path());
+        let (p, _, lock) = c
+            .get_or_make("t", "k", |dir| Ok(std::fs::write(dir.join("x"), "1")?))
+            .unwrap();
+        drop(lock);
+        // A marker of another key (a copied or damaged entry), then none.
+        for marker in [Some("other"), None] {
+            match marker {
+                Some(m) => std::fs::write(p.join(".complete"), m).unwrap(),
+                None => std::fs::remove_file(p.join(".complete")).unwrap(),
+            }
+            std::fs::write(p.join("x"), "half").unwrap();
+            let (p2, hit, _) = c
+                .get_or_make("t", "k", |dir| Ok(std::fs::write(dir.join("x"), "1")?))
+                .unwrap();
+            assert_eq!(hit, Hit::Miss);
+            assert_eq!(std::fs::read_to_string(p2.join("x")).unwrap(), "1");
+        }
+    }
+
+    #[test]
+    fn pruning_skips_an_entry_in_use() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Cache::new(d.path());
+        let (_, _, in_use) = c.get_or_make("t", "old", |_| Ok(())).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        for i in 0..KEEP + 1 {
+            c.get_or_make("t", &format!("k{i}"), |_| Ok(())).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(d.path().join("t/old").exists(), "in use: kept");
+        assert!(
+            !d.path().join("t/k0").exists(),
+            "not in use, oldest: pruned"
+        );
+        drop(in_use);
+        c.get_or_make("t", "k9", |_| Ok(())).unwrap();
+        assert!(!d.path().join("t/old").exists());
+    }
+
+    #[test]
+    fn a_held_lock_is_not_taken_twice() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l");
+        let held = Lock::try_acquire(&p).unwrap().unwrap();
+        assert!(Lock::try_acquire(&p).unwrap().is_none());
+        drop(held);
+        assert!(Lock::try_acquire(&p).unwrap().is_some());
     }
 
     #[test]
@@ -161,7 +272,7 @@ mod tests {
         });
         assert!(r.is_err());
         assert!(!d.path().join("t/k").exists());
-        let (_, hit) = c.get_or_make("t", "k", |_| Ok(())).unwrap();
+        let (_, hit, _) = c.get_or_make("t", "k", |_| Ok(())).unwrap();
         assert_eq!(hit, Hit::Miss);
     }
 

@@ -55,6 +55,9 @@ pub const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
 #[derive(Debug, Clone)]
 pub struct Chroot {
     root: PathBuf,
+    /// SOURCE_DATE_EPOCH for the commands inside (useradd's dates,
+    /// mkinitramfs's clamped times).
+    epoch: Option<i64>,
 }
 
 impl Chroot {
@@ -67,7 +70,13 @@ impl Chroot {
                 bail!("{} is not a root tree (no /{d})", root.display());
             }
         }
-        Ok(Chroot { root })
+        Ok(Chroot { root, epoch: None })
+    }
+
+    /// Commands inside see SOURCE_DATE_EPOCH=`epoch`.
+    pub fn with_epoch(mut self, epoch: i64) -> Chroot {
+        self.epoch = Some(epoch);
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -80,11 +89,15 @@ impl Chroot {
         I: IntoIterator<Item = S>,
         S: AsRef<std::ffi::OsStr>,
     {
-        wrap_in_namespace(exec::cmd("/bin/sh", ["-c", ENTER, "stemforge-chroot"]))
+        let c = wrap_in_namespace(exec::cmd("/bin/sh", ["-c", ENTER, "stemforge-chroot"]))
             .arg(&self.root)
             .args(argv)
             .clear_env()
-            .envs(ENV)
+            .envs(ENV);
+        match self.epoch {
+            Some(e) => c.env("SOURCE_DATE_EPOCH", e.to_string()),
+            None => c,
+        }
     }
 
     /// Run `argv` inside the tree.

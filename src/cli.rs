@@ -216,6 +216,11 @@ pub struct BuildArgs {
     /// daemon.json=FILE (docker), postgresql.conf=FILE (postgres)
     #[arg(long = "role-input", value_name = "NAME=FILE", value_parser = crate::roles::parse_flag)]
     pub role_inputs: Vec<(String, PathBuf)>,
+    /// Build a second time from the same inputs (into OUT/.reproduce, no
+    /// verify) and compare every output's sha256; names the first
+    /// difference and writes NAME.reproducible.json (exit 1 if any differ)
+    #[arg(long)]
+    pub check_reproducible: bool,
     /// Print the result as JSON on stdout
     #[arg(long)]
     pub json: bool,
@@ -419,6 +424,13 @@ pub fn main() -> i32 {
     progress::init(cli.verbose, cli.quiet);
     match run(cli) {
         Ok(code) => code,
+        Err(_) if crate::interrupt::signal().is_some() => {
+            let i = crate::interrupt::interrupted().expect("interrupted");
+            eprintln!(
+                "error: {i}: the build stopped; its work tree and half-written outputs are removed"
+            );
+            128 + i.signal
+        }
         Err(e) => {
             eprintln!("error: {}", render_error(&e));
             2
@@ -435,7 +447,17 @@ fn render_error(e: &anyhow::Error) -> String {
     if let Some(p) = e.downcast_ref::<PreflightError>() {
         return p.to_string();
     }
-    format!("{e:#}")
+    let text = format!("{e:#}");
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+    }) || text.contains("No space left on device");
+    if full {
+        return format!(
+            "{text}\n  the disk is full: free space where the path above lives, or build with --out or --cache-dir elsewhere (the cache and earlier outputs are untouched)"
+        );
+    }
+    text
 }
 
 fn run(cli: Cli) -> Result<i32> {
@@ -469,6 +491,7 @@ fn run(cli: Cli) -> Result<i32> {
 
 fn build(a: BuildArgs) -> Result<i32> {
     pipeline::check_out_dir(&a.out)?;
+    crate::interrupt::install()?;
     let o = BuildOptions {
         profile: a.profile,
         profiles: profile_source(&a.sources.profiles_dir),
@@ -490,10 +513,18 @@ fn build(a: BuildArgs) -> Result<i32> {
         agent_binary: a.agent_binary,
         bosh_agent: a.bosh_agent,
         role_inputs: a.role_inputs,
+        source_date_epoch: None,
     };
-    let Some(built) = pipeline::build(&o)? else {
-        return Ok(0);
+    let (built, repro) = if a.check_reproducible && !o.dry_run {
+        let (b, r) = crate::reproducible::check(&o)?;
+        (b, Some(r))
+    } else {
+        let Some(built) = pipeline::build(&o)? else {
+            return Ok(0);
+        };
+        (built, None)
     };
+    let reproducible = repro.as_ref().is_none_or(|r| r.reproducible);
     if a.json {
         let v = serde_json::json!({
             "passed": built.passed(),
@@ -502,6 +533,7 @@ fn build(a: BuildArgs) -> Result<i32> {
             "offline_scan": built.offline.summary,
             "verify": built.verdicts,
             "steps": built.steps.to_json(),
+            "reproducible": repro,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -515,8 +547,11 @@ fn build(a: BuildArgs) -> Result<i32> {
         for v in &built.verdicts {
             print_verdict(v);
         }
+        if let Some(r) = &repro {
+            print!("{}", r.render());
+        }
     }
-    Ok(if built.passed() { 0 } else { 1 })
+    Ok(if built.passed() && reproducible { 0 } else { 1 })
 }
 
 fn print_verdict(v: &verify::Verdict) {

@@ -95,6 +95,9 @@ pub struct PlannedPartition {
     pub fs_uuid: String,
     #[serde(skip)]
     pub fat_id: u32,
+    /// ext4: the seed of the directory-index hash.
+    #[serde(skip)]
+    pub hash_seed: Uuid,
 }
 
 impl PlannedPartition {
@@ -115,6 +118,11 @@ pub struct DiskPlan {
     /// The BIOS boot partition of a hybrid disk: first on the disk, the
     /// last GPT entry.
     pub bios_boot: Option<BiosBoot>,
+    /// Every time in the file systems: SOURCE_DATE_EPOCH or older.
+    pub epoch: i64,
+    /// GRUB's superuser password hash (see [`locked_grub_password_hash`]).
+    #[serde(skip)]
+    pub grub_lock: String,
 }
 
 /// Where GRUB's i386-pc core image lives on a hybrid disk.
@@ -139,15 +147,17 @@ fn type_for(mount: &str, fs: FsType) -> &'static str {
 }
 
 /// Lay the profile's partitions out, in order, on 1 MiB boundaries, with
-/// fresh identifiers.
-pub fn plan(p: &Profile) -> DiskPlan {
+/// identifiers derived from `seed` (the build's input hash): the same
+/// inputs give the same disk, bit for bit.
+pub fn plan(p: &Profile, seed: &str, epoch: i64) -> DiskPlan {
+    use crate::reproducible::derived_uuid;
     let mut at = ALIGN;
     let bios_boot = p.boot.bios.then(|| {
         let b = BiosBoot {
             number: p.disk.partitions.len() as u32 + 1,
             first_lba: at / SECTOR,
             sectors: crate::profile::BIOS_BOOT_SIZE / SECTOR,
-            part_guid: Uuid::new_v4(),
+            part_guid: derived_uuid(seed, "bios-boot partition"),
         };
         at += crate::profile::BIOS_BOOT_SIZE;
         b
@@ -155,10 +165,11 @@ pub fn plan(p: &Profile) -> DiskPlan {
     let mut partitions = Vec::new();
     for (i, part) in p.disk.partitions.iter().enumerate() {
         let size = part.size.div_ceil(ALIGN) * ALIGN;
+        let id = |what: &str| derived_uuid(seed, &format!("{} {what}", part.mount));
         let fat_id =
-            u32::from_le_bytes(Uuid::new_v4().as_bytes()[..4].try_into().expect("4 bytes"));
+            u32::from_le_bytes(id("volume id").as_bytes()[..4].try_into().expect("4 bytes"));
         let fs_uuid = match part.fs {
-            FsType::Ext4 => Uuid::new_v4().to_string(),
+            FsType::Ext4 => id("file system").to_string(),
             FsType::Vfat => format!("{:04X}-{:04X}", fat_id >> 16, fat_id & 0xffff),
         };
         partitions.push(PlannedPartition {
@@ -170,18 +181,21 @@ pub fn plan(p: &Profile) -> DiskPlan {
             first_lba: at / SECTOR,
             sectors: size / SECTOR,
             type_guid: type_for(&part.mount, part.fs).to_string(),
-            part_guid: Uuid::new_v4(),
+            part_guid: id("partition"),
             fs_uuid,
             fat_id,
+            hash_seed: id("hash seed"),
         });
         at += size;
     }
     DiskPlan {
         size: p.disk.size,
-        disk_guid: Uuid::new_v4(),
+        disk_guid: derived_uuid(seed, "disk"),
         partitions,
         mounts: p.disk.mounts.clone(),
         bios_boot,
+        epoch,
+        grub_lock: locked_grub_password_hash(seed),
     }
 }
 
@@ -313,13 +327,20 @@ pub fn grub_pbkdf2(password: &[u8], salt: &[u8], rounds: u32) -> String {
     format!("grub.pbkdf2.sha512.{rounds}.{}.{}", hex(salt), hex(&out))
 }
 
-/// A fresh superuser password for this build, returned only as its hash:
-/// nobody ever sees it, so nobody can edit boot entries or boot into
-/// recovery mode from the console; unattended boots are unaffected.
-pub fn fresh_grub_password_hash() -> Result<String> {
-    let password = random_bytes(32)?;
-    let salt = random_bytes(64)?;
-    Ok(grub_pbkdf2(&password, &salt, 10_000))
+/// GRUB's superuser password hash for this build, which no password
+/// matches that anyone knows: its salt and its 64-byte "hash" are derived
+/// from the build's inputs, not computed from a password, so logging in
+/// would take a PBKDF2-SHA512 preimage. Nobody can edit boot entries or
+/// boot into recovery mode from the console; unattended boots are
+/// unaffected; and the same inputs give the same grub.cfg.
+pub fn locked_grub_password_hash(seed: &str) -> String {
+    use crate::reproducible::derived_bytes;
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02X}")).collect::<String>();
+    format!(
+        "grub.pbkdf2.sha512.10000.{}.{}",
+        hex(&derived_bytes(seed, "grub salt")),
+        hex(&derived_bytes(seed, "grub lock"))
+    )
 }
 
 /// The newest kernel in the tree's /boot.
@@ -683,8 +704,12 @@ fn prezeroed_option() -> &'static str {
 }
 
 /// `mkfs.ext4 -d` of `src` into a fresh image file, then give the file
-/// system's top directory the mode and owner of `src` (mke2fs does not).
-pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
+/// system's top directory the mode and owner of `src` (mke2fs does not),
+/// and every inode the times of `epoch` (see
+/// [`crate::reproducible::fix_ext4_times`]). The UUID, the directory hash
+/// seed and mke2fs's own clock come from the plan, so the same tree gives
+/// the same bytes.
+pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path, epoch: i64) -> Result<()> {
     let md = src
         .metadata()
         .with_context(|| format!("stat {}", src.display()))?;
@@ -704,6 +729,7 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
     f.set_len(p.size())
         .with_context(|| format!("sizing {}", image.display()))?;
     drop(f);
+    let epoch = u32::try_from(epoch).context("SOURCE_DATE_EPOCH does not fit ext4's times")?;
     cmd(
         "mkfs.ext4",
         [
@@ -719,9 +745,10 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
             &p.fs_uuid,
             "-E",
             &format!(
-                "root_owner={}:{},{}",
+                "root_owner={}:{},hash_seed={},{}",
                 md.uid(),
                 md.gid(),
+                p.hash_seed,
                 prezeroed_option()
             ),
             "-d",
@@ -729,6 +756,7 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
     )
     .arg(src)
     .arg(image)
+    .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
     .run()
     .with_context(|| format!("making the {} file system", p.mount))?;
     let mode = 0o040000 | (md.mode() & 0o7777);
@@ -737,9 +765,51 @@ pub fn mkfs_ext4(image: &Path, p: &PlannedPartition, src: &Path) -> Result<()> {
         ["-w", "-R", &format!("set_inode_field / mode 0{mode:o}")],
     )
     .arg(image)
+    .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
     .run()
     .with_context(|| format!("setting the mode of {}", p.mount))?;
+    crate::reproducible::fix_ext4_times(image, epoch)
+        .with_context(|| format!("setting the times of the {} file system", p.mount))?;
     Ok(())
+}
+
+/// What the FAT file system's clock says: `epoch`, no earlier than FAT's
+/// first day (1980-01-01).
+#[derive(Debug)]
+struct EpochClock(fatfs::Date, fatfs::Time);
+
+impl fatfs::TimeProvider for EpochClock {
+    fn get_current_date(&self) -> fatfs::Date {
+        self.0
+    }
+    fn get_current_date_time(&self) -> fatfs::DateTime {
+        fatfs::DateTime {
+            date: self.0,
+            time: self.1,
+        }
+    }
+}
+
+/// fatfs takes its clock as a `&'static`; one small clock per file system
+/// made is leaked (a build makes one).
+fn epoch_clock(epoch: i64) -> &'static EpochClock {
+    use chrono::{Datelike, Timelike};
+    let t = chrono::DateTime::from_timestamp(epoch.max(315_532_800), 0)
+        .unwrap_or_default()
+        .naive_utc();
+    Box::leak(Box::new(EpochClock(
+        fatfs::Date {
+            year: t.year().clamp(1980, 2107) as u16,
+            month: t.month() as u16,
+            day: t.day() as u16,
+        },
+        fatfs::Time {
+            hour: t.hour() as u16,
+            min: t.minute() as u16,
+            sec: t.second() as u16,
+            millis: 0,
+        },
+    )))
 }
 
 /// The EFI system partition: FAT32 with the tree's /boot/efi content and
@@ -749,6 +819,7 @@ pub fn write_esp(
     p: &PlannedPartition,
     src: &Path,
     files: &[(String, Vec<u8>)],
+    epoch: i64,
 ) -> Result<()> {
     use fatfs::{FatType, FileSystem, FormatVolumeOptions, FsOptions};
     let f = File::options()
@@ -779,7 +850,8 @@ pub fn write_esp(
             .volume_label(label),
     )
     .with_context(|| format!("formatting the ESP {}", image.display()))?;
-    let fs = FileSystem::new(&f, FsOptions::new()).context("opening the fresh ESP")?;
+    let fs = FileSystem::new(&f, FsOptions::new().time_provider(epoch_clock(epoch)))
+        .context("opening the fresh ESP")?;
     {
         let root = fs.root_dir();
         copy_into_fat(&root, src)?;
@@ -855,9 +927,14 @@ fn fix_root_dotdot(f: &File) -> Result<()> {
     Ok(())
 }
 
+/// Copy a directory into the FAT file system, entries in name order (the
+/// host directory's order would change the bytes from build to build).
 fn copy_into_fat<T: fatfs::ReadWriteSeek>(dir: &fatfs::Dir<T>, src: &Path) -> Result<()> {
-    for entry in std::fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
-        let entry = entry?;
+    let mut entries = std::fs::read_dir(src)
+        .and_then(|d| d.collect::<std::io::Result<Vec<_>>>())
+        .with_context(|| format!("reading {}", src.display()))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
         let name = entry.file_name().to_string_lossy().into_owned();
         let md = entry.metadata()?;
         if md.is_dir() {
@@ -991,11 +1068,8 @@ pub fn assemble(
     let grub_dir = tree.join("boot/grub");
     std::fs::create_dir_all(&grub_dir).context("creating /boot/grub")?;
     let cfg = grub_dir.join("grub.cfg");
-    std::fs::write(
-        &cfg,
-        grub_cfg(plan, profile, &kernel, &fresh_grub_password_hash()?),
-    )
-    .context("writing /boot/grub/grub.cfg")?;
+    std::fs::write(&cfg, grub_cfg(plan, profile, &kernel, &plan.grub_lock))
+        .context("writing /boot/grub/grub.cfg")?;
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600))
         .context("chmod grub.cfg")?;
     fsutil::lchown(&cfg, 0, 0)?;
@@ -1046,8 +1120,8 @@ fn make_filesystems(
         let img = work.join(format!("part{}-{}.img", p.number, p.label));
         progress::activity(&format!("{} {}", p.fs.as_str(), p.mount));
         match p.fs {
-            FsType::Ext4 => mkfs_ext4(&img, p, &src)?,
-            FsType::Vfat => write_esp(&img, p, &src, esp_files)?,
+            FsType::Ext4 => mkfs_ext4(&img, p, &src, plan.epoch)?,
+            FsType::Vfat => write_esp(&img, p, &src, esp_files, plan.epoch)?,
         }
         images.push((p.number, img));
     }
@@ -1066,7 +1140,7 @@ mod tests {
     #[test]
     fn plan_is_aligned_ordered_and_fits() {
         let p = profile();
-        let plan = plan(&p);
+        let plan = plan(&p, "seed", 1_700_000_000);
         assert_eq!(plan.partitions.len(), p.disk.partitions.len());
         let mut end = 0;
         for part in &plan.partitions {
@@ -1084,7 +1158,7 @@ mod tests {
     fn a_hybrid_plan_puts_the_bios_boot_partition_first_on_the_disk_last_in_the_table() {
         let p = profile();
         assert!(p.boot.bios);
-        let plan = plan(&p);
+        let plan = plan(&p, "seed", 1_700_000_000);
         let b = plan.bios_boot.as_ref().unwrap();
         assert_eq!((b.first_lba, b.sectors), (2048, 2048));
         assert_eq!(b.number as usize, p.disk.partitions.len() + 1);
@@ -1096,7 +1170,7 @@ mod tests {
         );
         let mut plain = p.clone();
         plain.boot.bios = false;
-        let plan = super::plan(&plain);
+        let plan = super::plan(&plain, "seed", 1_700_000_000);
         assert!(plan.bios_boot.is_none());
         assert_eq!(plan.partitions[0].offset(), 1 << 20);
     }
@@ -1238,7 +1312,7 @@ mod tests {
 
     #[test]
     fn fstab_lists_uuids_options_and_extra_mounts() {
-        let plan = plan(&profile());
+        let plan = plan(&profile(), "seed", 1_700_000_000);
         let f = plan.fstab();
         let root = format!(
             "UUID={}\t/\text4\terrors=remount-ro\t0\t1",
@@ -1270,17 +1344,18 @@ mod tests {
             h.starts_with("grub.pbkdf2.sha512.1.73616C74.867F70CF1ADE02CF"),
             "{h}"
         );
-        let fresh = fresh_grub_password_hash().unwrap();
+        let locked = locked_grub_password_hash("seed");
         let re = regex::Regex::new(r"^grub\.pbkdf2\.sha512\.10000\.[0-9A-F]{128}\.[0-9A-F]{128}$")
             .unwrap();
-        assert!(re.is_match(&fresh), "{fresh}");
-        assert_ne!(fresh, fresh_grub_password_hash().unwrap());
+        assert!(re.is_match(&locked), "{locked}");
+        assert_eq!(locked, locked_grub_password_hash("seed"));
+        assert_ne!(locked, locked_grub_password_hash("other inputs"));
     }
 
     #[test]
     fn grub_cfg_restricts_all_but_the_normal_entry() {
         let p = profile();
-        let plan = plan(&p);
+        let plan = plan(&p, "seed", 1_700_000_000);
         let cfg = grub_cfg(
             &plan,
             &p,
@@ -1321,7 +1396,7 @@ mod tests {
     #[test]
     fn the_esp_passes_fsck_fat() {
         let d = tempfile::tempdir().unwrap();
-        let plan = plan(&profile());
+        let plan = plan(&profile(), "seed", 1_700_000_000);
         let src = d.path().join("efi");
         std::fs::create_dir_all(src.join("VENDOR")).unwrap();
         std::fs::write(src.join("VENDOR/NOTE.TXT"), "x").unwrap();
@@ -1331,8 +1406,24 @@ mod tests {
             plan.esp(),
             &src,
             &[("EFI/BOOT/BOOTX64.EFI".into(), vec![0x4d; 700_000])],
+            plan.epoch,
         )
         .unwrap();
+        // The same inputs a second later: the same bytes.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let again = d.path().join("esp2.img");
+        write_esp(
+            &again,
+            plan.esp(),
+            &src,
+            &[("EFI/BOOT/BOOTX64.EFI".into(), vec![0x4d; 700_000])],
+            plan.epoch,
+        )
+        .unwrap();
+        assert_eq!(
+            crate::reproducible::first_byte_difference(&img, &again).unwrap(),
+            None
+        );
         let out = cmd("fsck.fat", ["-n", "-v"])
             .arg(&img)
             .run_unchecked()
@@ -1373,7 +1464,7 @@ mod tests {
         std::fs::write(tree.join("var/x"), "x").unwrap();
         let staged = d.path().join("parts");
         std::fs::create_dir(&staged).unwrap();
-        let plan = plan(&profile());
+        let plan = plan(&profile(), "seed", 1_700_000_000);
         let carved = carve(&tree, &staged, &plan).unwrap();
         assert!(staged.join("audit/a.log").exists());
         assert!(staged.join("var-log/syslog").exists());

@@ -61,6 +61,8 @@ pub struct Cmd {
     clear_env: bool,
     stdin: Option<Vec<u8>>,
     timeout: Option<Duration>,
+    /// Runs after an interruption too (removing what the build made).
+    cleanup: bool,
 }
 
 /// A command with arguments.
@@ -77,6 +79,7 @@ where
         clear_env: false,
         stdin: None,
         timeout: None,
+        cleanup: false,
     }
 }
 
@@ -123,6 +126,13 @@ impl Cmd {
 
     pub fn stdin_bytes(mut self, bytes: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(bytes.into());
+        self
+    }
+
+    /// A clean-up command: it runs even after Ctrl-C, when nothing else
+    /// starts.
+    pub fn cleanup(mut self) -> Self {
+        self.cleanup = true;
         self
     }
 
@@ -181,7 +191,7 @@ impl Cmd {
         let line = self.display();
         progress::detail(&format!("$ {line}"));
         let short: String = line.chars().take(100).collect();
-        progress::activity(&short);
+        progress::command_activity(&short);
         line
     }
 
@@ -202,6 +212,9 @@ impl Cmd {
     /// Run to completion, whatever the exit status. Errors only when the
     /// program cannot be started or exceeds its timeout.
     pub fn run_unchecked(&self) -> Result<Output> {
+        if !self.cleanup {
+            crate::interrupt::check()?;
+        }
         let line = self.announce();
         let t0 = Instant::now();
         let expr = self.expression().stdout_capture().stderr_capture();
@@ -259,6 +272,7 @@ impl Cmd {
     /// Start the command in the background with stdout and stderr going to
     /// files (for long-running programs such as QEMU).
     pub fn spawn(&self, stdout: &Path, stderr: &Path) -> Result<Running> {
+        crate::interrupt::check()?;
         let line = self.announce();
         let handle = self
             .expression()

@@ -97,8 +97,21 @@ pub fn remove_tree(path: &Path) -> Result<()> {
     }
     cmd("rm", ["-rf", "--one-file-system", "--"])
         .arg(path)
+        .cleanup()
         .run()
         .with_context(|| format!("deleting {}", path.display()))?;
+    Ok(())
+}
+
+/// Flush the file system holding `path` to disk (before a completion
+/// marker is written: a crash must not leave a marker over lost data).
+pub fn sync_fs(path: &Path) -> Result<()> {
+    let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: syncfs on a descriptor we own.
+    if unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("syncing the file system of {}", path.display()));
+    }
     Ok(())
 }
 

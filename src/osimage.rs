@@ -346,7 +346,7 @@ fn copy_stage_files(src: &Path, dst: &Path) -> Result<()> {
 }
 
 /// The image record for a profile.
-pub fn image_info(p: &Profile, stages: &[String]) -> ImageInfo {
+pub fn image_info(p: &Profile, stages: &[String], epoch: i64) -> ImageInfo {
     ImageInfo {
         profile: p.name.clone(),
         distro: p.os.distro.clone(),
@@ -355,7 +355,10 @@ pub fn image_info(p: &Profile, stages: &[String]) -> ImageInfo {
         roles: p.roles.clone(),
         stages: stages.to_vec(),
         stemforge_version: crate::VERSION.to_string(),
-        built: crate::scan::report::now_rfc3339(),
+        built: chrono::DateTime::from_timestamp(epoch, 0)
+            .unwrap_or_default()
+            .format("%Y-%m-%dT%H:%M:%SZ")
+            .to_string(),
     }
 }
 

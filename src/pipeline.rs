@@ -47,6 +47,8 @@ pub struct BuildOptions {
     pub bosh_agent: Option<PathBuf>,
     /// `--role-input NAME=FILE`
     pub role_inputs: Vec<(String, PathBuf)>,
+    /// "Now" for every output; `None`: SOURCE_DATE_EPOCH, else the clock.
+    pub source_date_epoch: Option<i64>,
 }
 
 /// Everything decided before any work starts.
@@ -203,12 +205,14 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         packages,
         osimage::seed_files(&applicable),
     );
-    let disk = disk::plan(&profile);
     let formats = match &o.formats {
         Some(words) => Format::parse_list(words, "--format")?,
         None => profile.formats.clone(),
     };
-    let source_date_epoch = source_date_epoch()?;
+    let source_date_epoch = match o.source_date_epoch {
+        Some(e) => e,
+        None => source_date_epoch()?,
+    };
     let bosh_agent = match &o.bosh_agent {
         Some(f) => Some((f.clone(), crate::boshagent::check(f)?)),
         None => None,
@@ -230,6 +234,7 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         "bosh_agent": bosh_agent.as_ref().map(|(_, v)| v),
         "role_inputs": &role_inputs,
     }));
+    let disk = disk::plan(&profile, &input_hash, source_date_epoch);
     let mut outputs: Vec<PathBuf> = formats
         .iter()
         .flat_map(|f| {
@@ -401,16 +406,18 @@ fn wrap(text: &str, width: usize, indent: &str) -> String {
     out
 }
 
-/// SOURCE_DATE_EPOCH from the environment, or now.
+/// SOURCE_DATE_EPOCH from the environment, or now. ext4 keeps 32-bit
+/// seconds in the fields every reader knows, so that is the range.
 fn source_date_epoch() -> Result<i64> {
     match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse::<i64>().map_err(|_| {
-            ConfigError::new(
+        Ok(v) => match v.trim().parse::<i64>() {
+            Ok(e) if (0..=u32::MAX as i64).contains(&e) => Ok(e),
+            _ => Err(ConfigError::new(
                 "SOURCE_DATE_EPOCH",
-                format!("`{v}` is not a number of seconds since 1970"),
+                format!("`{v}` is not a number of seconds from 1970 to 2106"),
             )
-            .into()
-        }),
+            .into()),
+        },
         Err(_) => Ok(chrono::Utc::now().timestamp()),
     }
 }
@@ -579,8 +586,31 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
 
     std::fs::create_dir_all(&o.out_dir)
         .with_context(|| format!("creating {}", o.out_dir.display()))?;
+    // One build per output directory: a second one refuses at once
+    // rather than wait, or clear the first one's outputs under it.
+    let lock_path = o.out_dir.join(".stemforge.lock");
+    let Some(out_lock) = Lock::try_acquire(&lock_path)? else {
+        let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+        return Err(ConfigError::new(
+            "--out",
+            format!(
+                "{} is in use by another build ({}); wait for it or choose another --out",
+                o.out_dir.display(),
+                if holder.trim().is_empty() {
+                    "unknown"
+                } else {
+                    holder.trim()
+                }
+            ),
+        )
+        .into());
+    };
+    out_lock.note(&format!(
+        "pid {}, profile {}",
+        std::process::id(),
+        plan.profile.name
+    ))?;
     let work_base = o.out_dir.join(".work");
-    let _lock = Lock::acquire(&work_base.join(format!("{}.lock", plan.name)))?;
     let work = work_base.join(&plan.name);
     // A killed build's tree: nothing is mounted in it (mounts live in
     // namespaces that died with it), so it can go.
@@ -590,27 +620,14 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     // first, and every output of the profile's that a killed build left
     // half-written: after a failure or a kill, every output there is whole
     // and of this build.
-    let os = format!("{}-{}", plan.profile.os.distro, plan.profile.os.codename);
-    let half_written = Format::ALL.iter().flat_map(|f| {
-        formats::producer(*f)
-            .files_for(&plan.name, &plan.version, &os)
-            .into_iter()
-            .map(|n| fsutil::partial_path(&o.out_dir.join(n)))
-    });
-    let stale: Vec<PathBuf> = plan
-        .outputs
-        .iter()
-        .flat_map(|out| [fsutil::partial_path(out), out.clone()])
-        .chain(half_written)
-        .collect();
-    {
-        for p in stale {
-            if p.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-                fsutil::remove_tree(&p)?;
-            } else if p.symlink_metadata().is_ok() {
-                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            }
-        }
+    for p in stale_outputs(&plan, &o.out_dir, true) {
+        remove_path(&p)?;
+    }
+    if !o.keep_work {
+        crate::interrupt::remove_on_forced_stop(work.clone());
+    }
+    for p in stale_outputs(&plan, &o.out_dir, false) {
+        crate::interrupt::remove_on_forced_stop(p);
     }
     let log = o.out_dir.join(format!("{}.build.log", plan.name));
     let _ = std::fs::remove_file(&log);
@@ -633,6 +650,13 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
             fsutil::remove_tree(&work)?;
         }
     }
+    if result.is_err() {
+        // Nothing half-written stays under a name that looks finished.
+        for p in stale_outputs(&plan, &o.out_dir, false) {
+            remove_path(&p)?;
+        }
+    }
+    drop(out_lock);
     let (artifacts, offline, verdicts) = result?;
     Ok(Some(Built {
         artifacts,
@@ -641,6 +665,38 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
         steps,
         plan,
     }))
+}
+
+/// Outputs of this build an earlier build may have left: under temporary
+/// names (every output of the profile's), and with `finished`, this
+/// build's outputs under their final names too.
+fn stale_outputs(plan: &Plan, out_dir: &Path, finished: bool) -> Vec<PathBuf> {
+    let os = format!("{}-{}", plan.profile.os.distro, plan.profile.os.codename);
+    let half_written = Format::ALL.iter().flat_map(|f| {
+        formats::producer(*f)
+            .files_for(&plan.name, &plan.version, &os)
+            .into_iter()
+            .map(|n| fsutil::partial_path(&out_dir.join(n)))
+    });
+    plan.outputs
+        .iter()
+        .flat_map(|out| {
+            let mut v = vec![fsutil::partial_path(out)];
+            if finished {
+                v.push(out.clone());
+            }
+            v
+        })
+        .chain(half_written)
+        .collect()
+}
+
+fn remove_path(p: &Path) -> Result<()> {
+    match p.symlink_metadata() {
+        Ok(m) if m.is_dir() => fsutil::remove_tree(p),
+        Ok(_) => std::fs::remove_file(p).with_context(|| format!("removing {}", p.display())),
+        Err(_) => Ok(()),
+    }
 }
 
 type StepsOutcome = (Vec<Artifact>, Report, Vec<Verdict>);
@@ -654,18 +710,20 @@ fn run_steps(
 ) -> Result<StepsOutcome> {
     let cache = Cache::new(&o.cache_dir);
     let tree = work.join("rootfs");
-    let (base, bootstrap_key) = steps.run("bootstrap", |s| {
-        let (base, hit, key) = bootstrap::bootstrap(&cache, &plan.bootstrap, releases)?;
+    // `_in_use` keeps the cache entry from being pruned by another build
+    // while this one reads it.
+    let (base, bootstrap_key, _in_use) = steps.run("bootstrap", |s| {
+        let (base, hit, key, lock) = bootstrap::bootstrap(&cache, &plan.bootstrap, releases)?;
         s.note(match hit {
             Hit::Hit => "cache hit",
             Hit::Miss => "cache miss",
         });
-        Ok((base, key))
+        Ok((base, key, lock))
     })?;
     let chroot = steps.run("stages", |s| {
         progress::activity("copying the bootstrapped tree");
         fsutil::copy_tree(&base, &tree)?;
-        let chroot = Chroot::new(&tree)?;
+        let chroot = Chroot::new(&tree)?.with_epoch(plan.source_date_epoch);
         let stages: Vec<&crate::stage::Stage> = plan
             .catalog
             .stages
@@ -674,7 +732,7 @@ fn run_steps(
             .collect();
         let applied = osimage::apply_stages(&chroot, &stages)?;
         crate::roles::apply_inputs(&tree, &plan.role_inputs)?;
-        let info = osimage::image_info(&plan.profile, &applied.stages);
+        let info = osimage::image_info(&plan.profile, &applied.stages, plan.source_date_epoch);
         let catalog_dir = match &o.stages {
             StageSource::Dir(d) => Some(d.as_path()),
             StageSource::Embedded => None,
@@ -970,6 +1028,7 @@ mod tests {
             agent_binary: None,
             bosh_agent: None,
             role_inputs: Vec::new(),
+            source_date_epoch: None,
         }
     }
 

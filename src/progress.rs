@@ -17,6 +17,10 @@ struct State {
     quiet: bool,
     log: Option<File>,
     bar: Option<ProgressBar>,
+    /// The step running now and what it is doing (for an interruption's
+    /// message).
+    phase: String,
+    activity: String,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -24,6 +28,8 @@ static STATE: Mutex<State> = Mutex::new(State {
     quiet: false,
     log: None,
     bar: None,
+    phase: String::new(),
+    activity: String::new(),
 });
 
 fn state() -> std::sync::MutexGuard<'static, State> {
@@ -96,8 +102,27 @@ pub fn log_only(text: &str) {
 
 /// Show `msg` next to the running step's spinner.
 pub fn activity(msg: &str) {
-    if let Some(bar) = &state().bar {
+    detail(&format!("-- {msg}"));
+    command_activity(msg);
+}
+
+/// The spinner's message for a command `exec` runs (its command line is
+/// logged already).
+pub fn command_activity(msg: &str) {
+    let mut s = state();
+    s.activity = msg.to_string();
+    if let Some(bar) = &s.bar {
         bar.set_message(msg.to_string());
+    }
+}
+
+/// "disk (mkfs.ext4 ...)": the step running now and its activity.
+pub fn current_phase() -> String {
+    let s = state();
+    match (s.phase.as_str(), s.activity.as_str()) {
+        ("", _) => "the start".to_string(),
+        (p, "") => format!("the {p} step"),
+        (p, a) => format!("the {p} step ({a})"),
     }
 }
 
@@ -146,11 +171,22 @@ impl Steps {
     /// Run `f` as the step `name`, timed, with a spinner while it runs.
     pub fn run<T>(&mut self, name: &str, f: impl FnOnce(&Steps) -> Result<T>) -> Result<T> {
         info(&format!("==> {name}"));
+        crate::interrupt::check()?;
         let bar = spinner(name);
-        state().bar = bar.clone();
+        {
+            let mut s = state();
+            s.bar = bar.clone();
+            s.phase = name.to_string();
+            s.activity.clear();
+        }
         *self.note.lock().unwrap_or_else(|p| p.into_inner()) = String::new();
         let t0 = Instant::now();
-        let result = f(self);
+        // A failure names its step: "the disk step: making the / file
+        // system: ...".
+        let result = {
+            use anyhow::Context;
+            f(self).with_context(|| format!("the {name} step"))
+        };
         let seconds = t0.elapsed().as_secs_f64();
         if let Some(bar) = bar {
             bar.finish_and_clear();

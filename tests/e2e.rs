@@ -1657,3 +1657,106 @@ fn a_damaged_image_is_a_clear_error_in_bounded_time() {
     assert!(text(&o).contains("qcow2: not a qcow2 file"), "{}", text(&o));
     done_with(&dir);
 }
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn two_builds_from_the_same_inputs_give_every_output_bit_for_bit() {
+    require_root();
+    let b = shared_build();
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(b.out.join("debian-bookworm.reproducible.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["reproducible"], true, "{report:#}");
+    assert_eq!(report["source_date_epoch"], SHARED_EPOCH);
+    let outputs = report["outputs"].as_array().unwrap();
+    let names: Vec<&str> = outputs
+        .iter()
+        .map(|c| c["file"].as_str().unwrap())
+        .collect();
+    for ext in [
+        ".raw",
+        ".qcow2",
+        ".vmdk",
+        ".ova",
+        ".spdx.json",
+        ".cdx.json",
+        ".tgz",
+    ] {
+        assert!(names.iter().any(|n| n.ends_with(ext)), "{ext}: {names:?}");
+    }
+    assert!(outputs.len() >= 13, "{names:?}");
+    // The report's hashes are the files' own, in both output directories.
+    let second = b.out.join(".reproduce");
+    for c in outputs {
+        let file = c["file"].as_str().unwrap();
+        for dir in [&b.out, &second] {
+            let bytes = std::fs::read(dir.join(file)).unwrap();
+            assert_eq!(hex_digest::<sha2::Sha256>(&bytes), c["first"], "{file}");
+        }
+    }
+    // What the manifest records lets a third party rebuild.
+    let m: Value = serde_json::from_slice(
+        &std::fs::read(b.out.join("debian-bookworm.manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m["source_date_epoch"], SHARED_EPOCH);
+    assert_eq!(m["inputs"]["profile"]["name"], "debian-bookworm");
+    assert!(m["inputs"]["bootstrap_key"].as_str().unwrap().len() >= 16);
+    assert!(!m["inputs"]["stages"].as_array().unwrap().is_empty());
+    assert_eq!(
+        m["input_hash"].as_str().unwrap().len(),
+        64,
+        "{}",
+        m["input_hash"]
+    );
+}
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn a_stage_that_writes_the_time_makes_the_check_fail_and_name_the_file() {
+    require_root();
+    let _ = shared_build(); // the bootstrap is cached by now
+    let _g = heavy();
+    let d = scratch("unreproducible");
+    let stages = d.join("stages");
+    let st = Command::new("cp")
+        .args(["-a", concat!(env!("CARGO_MANIFEST_DIR"), "/stages")])
+        .arg(&stages)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let extra = stages.join("95-nonce");
+    std::fs::create_dir(&extra).unwrap();
+    std::fs::write(
+        extra.join("stage.yml"),
+        "name: nonce\nsummary: Writes the build's clock into the image.\nscript: apply.sh\ncontrols: []\n",
+    )
+    .unwrap();
+    std::fs::write(extra.join("apply.sh"), "date +%s%N > /etc/build-nonce\n").unwrap();
+    let out = d.join("out");
+    let o = Command::new(bin())
+        .args(["build", "--profile", "debian-bookworm", "--no-verify"])
+        .args(["--format", "raw", "--check-reproducible", "--stages"])
+        .arg(&stages)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("DIFFERS  debian-bookworm.raw"), "{t}");
+    assert!(
+        t.contains("first difference: in the image tree: /etc/build-nonce: contents differ"),
+        "{t}"
+    );
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(out.join("debian-bookworm.reproducible.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["reproducible"], false);
+    // The second build's scratch and both work trees are gone.
+    assert!(!out.join(".reproduce").exists());
+    assert!(!out.join(".work/debian-bookworm").exists());
+    done_with(&d);
+}

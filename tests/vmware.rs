@@ -56,7 +56,7 @@ fn vmdk_is_stream_optimized_and_reads_back_identical() {
     let dir = common::scratch("vmware-vmdk");
     let raw = small_disk(&dir);
     let out = dir.join("disk.vmdk");
-    let info = vmware::vmdk(&raw, &out).unwrap();
+    let info = vmware::vmdk(&raw, &out, 0x5eed_cafe).unwrap();
     let size = out.metadata().unwrap().len();
     assert_eq!(
         info,
@@ -104,6 +104,17 @@ fn vmdk_is_stream_optimized_and_reads_back_identical() {
         descriptor.contains("RW 131072 SPARSE \"disk.vmdk\""),
         "{descriptor}"
     );
+    assert!(descriptor.contains("\nCID=5eedcafe\n"), "{descriptor}");
+
+    // The same disk and CID a second time: the same bytes.
+    let again_dir = dir.join("again");
+    std::fs::create_dir(&again_dir).unwrap();
+    let again = again_dir.join("disk.vmdk");
+    vmware::vmdk(&raw, &again, 0x5eed_cafe).unwrap();
+    assert_eq!(
+        sha256_hex(&std::fs::read(&again).unwrap()),
+        sha256_hex(&bytes)
+    );
 
     // QEMU reads the same disk back.
     let json = cmd("qemu-img", ["info", "--output=json"])
@@ -137,7 +148,7 @@ fn a_truncated_vmdk_is_an_error_naming_the_file() {
     let dir = common::scratch("vmware-truncated");
     let raw = small_disk(&dir);
     let good = dir.join("disk.vmdk");
-    vmware::vmdk(&raw, &good).unwrap();
+    vmware::vmdk(&raw, &good, 1).unwrap();
     for cut in [1, 512, 4096, 64 * 1024] {
         let bad = dir.join(format!("cut-{cut}.vmdk"));
         truncated_copy(&good, &bad, cut);
@@ -192,7 +203,7 @@ fn spec() -> VmSpec {
 fn package(dir: &Path) -> (PathBuf, PathBuf, PathBuf, VmdkInfo) {
     let raw = small_disk(dir);
     let vmdk = dir.join("debian-bookworm.vmdk");
-    let info = vmware::vmdk(&raw, &vmdk).unwrap();
+    let info = vmware::vmdk(&raw, &vmdk, 1).unwrap();
     let ovf = dir.join("debian-bookworm.ovf");
     std::fs::write(
         &ovf,

@@ -471,10 +471,16 @@ fn ensure_zero(f: &File, from: u64, to: u64) -> Result<()> {
     Ok(())
 }
 
+/// The content ID of the build's VMDK, derived from its inputs.
+pub fn vmdk_cid(input_hash: &str) -> u32 {
+    let b = crate::reproducible::derived_bytes(input_hash, "vmdk cid");
+    u32::from_le_bytes(b[..4].try_into().expect("4 bytes"))
+}
+
 /// Convert a raw disk to a streamOptimized VMDK at `out`: qemu-img writes
 /// it under a temporary name, the stream is ended as the format lays it
 /// out and checked with [`check_vmdk`], then it is renamed.
-pub fn vmdk(raw: &Path, out: &Path) -> Result<VmdkInfo> {
+pub fn vmdk(raw: &Path, out: &Path, cid: u32) -> Result<VmdkInfo> {
     // The descriptor names the extent after the file qemu-img writes, so
     // the temporary file keeps the final name inside a temporary directory.
     let dir = fsutil::partial_path(out);
@@ -483,7 +489,7 @@ pub fn vmdk(raw: &Path, out: &Path) -> Result<VmdkInfo> {
     }
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let partial = dir.join(out.file_name().context("the VMDK path has no file name")?);
-    let made = convert(raw, &partial);
+    let made = convert(raw, &partial, cid);
     let result = made.and_then(|info| {
         fsutil::commit(&partial, out)?;
         Ok(info)
@@ -492,7 +498,7 @@ pub fn vmdk(raw: &Path, out: &Path) -> Result<VmdkInfo> {
     result
 }
 
-fn convert(raw: &Path, partial: &Path) -> Result<VmdkInfo> {
+fn convert(raw: &Path, partial: &Path, cid: u32) -> Result<VmdkInfo> {
     let options = format!(
         "subformat=streamOptimized,adapter_type={ADAPTER_TYPE},\
          hwversion={HW_VERSION},toolsversion={TOOLS_VERSION}"
@@ -507,7 +513,53 @@ fn convert(raw: &Path, partial: &Path) -> Result<VmdkInfo> {
     .run()
     .with_context(|| format!("converting {} to a streamOptimized VMDK", raw.display()))?;
     seal_stream(partial).with_context(|| format!("ending the stream of {}", partial.display()))?;
+    set_cid(partial, cid).with_context(|| format!("setting the CID of {}", partial.display()))?;
     check_vmdk(partial)
+}
+
+/// Put `cid` into the embedded descriptor's `CID=` line in place of the
+/// random one qemu-img writes, so the same disk gives the same VMDK. The
+/// descriptor is text padded with zeros to its sectors; it is written
+/// back the same way.
+fn set_cid(path: &Path, cid: u32) -> Result<()> {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let h = SparseHeader::parse(&read_sector(&f, 0)?)?;
+    ensure!(
+        h.descriptor_size <= 2048,
+        "descriptor of {} sectors",
+        h.descriptor_size
+    );
+    let mut buf = vec![0u8; (h.descriptor_size * SECTOR) as usize];
+    f.read_exact_at(&mut buf, h.descriptor_offset * SECTOR)
+        .context("reading the descriptor")?;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    let text = std::str::from_utf8(&buf[..end]).context("the descriptor is not text")?;
+    let mut found = false;
+    let mut out: String = text
+        .split_inclusive('\n')
+        .map(|line| {
+            if line.starts_with("CID=") {
+                found = true;
+                format!("CID={cid:08x}\n")
+            } else {
+                line.to_string()
+            }
+        })
+        .collect();
+    ensure!(found, "the descriptor has no CID line");
+    ensure!(
+        out.len() <= buf.len(),
+        "the descriptor outgrows its sectors"
+    );
+    let mut bytes = std::mem::take(&mut out).into_bytes();
+    bytes.resize(buf.len(), 0);
+    f.write_all_at(&bytes, h.descriptor_offset * SECTOR)
+        .context("writing the descriptor")?;
+    f.sync_all().context("syncing")
 }
 
 // ----------------------------------------------------------------- OVF
@@ -888,7 +940,7 @@ impl Producer for Vmdk {
     fn produce(&self, job: &Job, inputs: &Products) -> Result<(Vec<Artifact>, String)> {
         let raw = input(inputs, Format::Raw, ".raw")?;
         let out = job.named(Format::Vmdk, "vmdk");
-        let info = vmdk(&raw.path, &out)?;
+        let info = vmdk(&raw.path, &out, vmdk_cid(job.input_hash))?;
         let note = format!(
             "{}, {} virtual",
             format_size(info.size),

@@ -79,29 +79,39 @@ pub struct SharedBuild {
     pub log: String,
 }
 
+/// SOURCE_DATE_EPOCH of the shared build: 2025-12-01 00:00:00 UTC.
+pub const SHARED_EPOCH: i64 = 1_764_547_200;
+
 pub fn shared_build() -> &'static SharedBuild {
     static BUILD: OnceLock<SharedBuild> = OnceLock::new();
     BUILD.get_or_init(|| {
         let _g = heavy();
         let out = scratch("shared-build");
-        let o = stemforge([
-            "build",
-            "--profile",
-            "debian-bookworm",
-            "--no-verify",
-            "--format",
-            "all",
-            "--image-version",
-            "1.0",
-            "--bosh-agent",
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/tests/fixtures/bosh-agent/bosh-agent"
-            ),
-            "--keep-work",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        // Built twice (--check-reproducible): every output's sha256 is
+        // compared with a second build's (NAME.reproducible.json).
+        let o = Command::new(bin())
+            .args([
+                "build",
+                "--profile",
+                "debian-bookworm",
+                "--no-verify",
+                "--format",
+                "all",
+                "--image-version",
+                "1.0",
+                "--bosh-agent",
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/fixtures/bosh-agent/bosh-agent"
+                ),
+                "--keep-work",
+                "--check-reproducible",
+                "--out",
+                out.to_str().unwrap(),
+            ])
+            .env("SOURCE_DATE_EPOCH", SHARED_EPOCH.to_string())
+            .output()
+            .expect("stemforge runs");
         assert!(o.status.success(), "shared build failed:\n{}", text(&o));
         SharedBuild {
             raw: out.join("debian-bookworm.raw"),
