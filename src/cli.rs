@@ -451,7 +451,8 @@ fn render_error(e: &anyhow::Error) -> String {
     let full = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
-    }) || text.contains("No space left on device");
+    }) || text.contains("No space left on device")
+        || text.starts_with("disk full: ");
     if full {
         return format!(
             "{text}\n  the disk is full: free space where the path above lives, or build with --out or --cache-dir elsewhere (the cache and earlier outputs are untouched)"

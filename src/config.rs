@@ -135,6 +135,14 @@ fn from_yaml_error(file: &Path, e: &serde_yaml::Error) -> ConfigError {
             None => field.to_string(),
         });
     }
+    // Serde names the Rust type where the file has a map or a number.
+    let rust_type = regex::Regex::new(r"expected struct [A-Za-z0-9_]+$").expect("static regex");
+    message = rust_type.replace(&message, "expected a map").into_owned();
+    for t in ["u8", "u16", "u32", "u64", "usize"] {
+        if let Some(head) = message.strip_suffix(&format!("expected {t}")) {
+            message = format!("{head}expected a whole number, 0 or more");
+        }
+    }
     if message.is_empty() {
         message = "invalid YAML".to_string();
     }
@@ -225,6 +233,22 @@ mod tests {
     fn missing_key_is_named() {
         let e = parse_yaml::<Outer>(Path::new("p.yml"), "parts: []\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("name"));
+    }
+
+    #[test]
+    fn rust_type_names_are_not_shown() {
+        let e = parse_yaml::<Outer>(Path::new("p.yml"), "- name: x\n").unwrap_err();
+        assert!(e.message.ends_with("expected a map"), "{e}");
+        #[derive(serde::Deserialize, Debug)]
+        #[allow(dead_code)]
+        struct Count {
+            n: u32,
+        }
+        let e = parse_yaml::<Count>(Path::new("p.yml"), "n: -1\n").unwrap_err();
+        assert!(
+            e.message.ends_with("expected a whole number, 0 or more"),
+            "{e}"
+        );
     }
 
     #[test]

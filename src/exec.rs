@@ -61,8 +61,6 @@ pub struct Cmd {
     clear_env: bool,
     stdin: Option<Vec<u8>>,
     timeout: Option<Duration>,
-    /// Runs after an interruption too (removing what the build made).
-    cleanup: bool,
 }
 
 /// A command with arguments.
@@ -79,7 +77,6 @@ where
         clear_env: false,
         stdin: None,
         timeout: None,
-        cleanup: false,
     }
 }
 
@@ -126,13 +123,6 @@ impl Cmd {
 
     pub fn stdin_bytes(mut self, bytes: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(bytes.into());
-        self
-    }
-
-    /// A clean-up command: it runs even after Ctrl-C, when nothing else
-    /// starts.
-    pub fn cleanup(mut self) -> Self {
-        self.cleanup = true;
         self
     }
 
@@ -212,9 +202,7 @@ impl Cmd {
     /// Run to completion, whatever the exit status. Errors only when the
     /// program cannot be started or exceeds its timeout.
     pub fn run_unchecked(&self) -> Result<Output> {
-        if !self.cleanup {
-            crate::interrupt::check()?;
-        }
+        crate::interrupt::check()?;
         let line = self.announce();
         let t0 = Instant::now();
         let expr = self.expression().stdout_capture().stderr_capture();

@@ -26,13 +26,20 @@ pub fn commit(partial: &Path, final_path: &Path) -> Result<()> {
 }
 
 /// Write `bytes` to `path` atomically: a temporary name, then a rename.
+/// A failed write leaves nothing behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = partial_path(path);
-    let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
+    let written = (|| {
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     commit(&tmp, path)
 }
 
@@ -95,12 +102,16 @@ pub fn remove_tree(path: &Path) -> Result<()> {
             m.display()
         );
     }
-    cmd("rm", ["-rf", "--one-file-system", "--"])
-        .arg(path)
-        .cleanup()
-        .run()
-        .with_context(|| format!("deleting {}", path.display()))?;
-    Ok(())
+    // In-process rather than `rm`: a build stopped by Ctrl-C still
+    // removes its trees while every program it started is being killed.
+    // Nothing is mounted below (checked above); symlinks are removed, not
+    // followed.
+    match path.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => return Ok(()),
+    }
+    .with_context(|| format!("deleting {}", path.display()))
 }
 
 /// Flush the file system holding `path` to disk (before a completion

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long the build may take to unwind before it is stopped outright.
-pub const GRACE: Duration = Duration::from_secs(4);
+pub const GRACE: Duration = Duration::from_secs(3);
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 /// The phase the signal arrived in.
@@ -65,10 +65,12 @@ pub fn install() -> anyhow::Result<()> {
                 std::mem::take(&mut *FORCED_CLEANUP.lock().unwrap_or_else(|p| p.into_inner()));
             for p in paths {
                 let _ = crate::fsutil::remove_tree(&p);
-                let _ = std::fs::remove_file(&p);
             }
-            progress::info("stopped");
-            std::process::exit(128 + sig);
+            // Straight to stderr and out: the main thread may hold the
+            // progress lock, and exit handlers may wait on it.
+            eprintln!("stopped");
+            // SAFETY: _exit ends the process at once; nothing after runs.
+            unsafe { libc::_exit(128 + sig) };
         })
         .context("starting the signal handler")?;
     Ok(())
@@ -96,6 +98,19 @@ pub fn check() -> Result<(), Interrupted> {
     match interrupted() {
         None => Ok(()),
         Some(i) => Err(i),
+    }
+}
+
+/// A reader that fails once the build is interrupted, so long in-process
+/// work (archiving, hashing) stops within one read.
+pub struct Reader<R>(pub R);
+
+impl<R: std::io::Read> std::io::Read for Reader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if let Err(i) = check() {
+            return Err(std::io::Error::other(i));
+        }
+        self.0.read(buf)
     }
 }
 

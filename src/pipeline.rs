@@ -635,13 +635,35 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     progress::detail(&plan.render());
 
     let result = run_steps(o, &plan, &releases, &work, &mut steps);
+    // A failure on a (nearly) full disk says which disk.
+    let result = result.map_err(|e| {
+        for dir in [&o.out_dir, &o.cache_dir] {
+            if let Ok(free) = fsutil::free_space(dir) {
+                if free < (256 << 20) {
+                    return e.context(format!(
+                        "disk full: {} has {} free",
+                        dir.display(),
+                        format_size(free)
+                    ));
+                }
+            }
+        }
+        e
+    });
     let summary = steps.summary_table();
     progress::info(&format!("\n{summary}"));
     let steps_json = serde_json::to_string_pretty(&steps.to_json())? + "\n";
-    fsutil::write_atomic(
+    let written = fsutil::write_atomic(
         &o.out_dir.join(format!("{}.steps.json", plan.name)),
         steps_json.as_bytes(),
-    )?;
+    );
+    // A failed step's error is the one to report (on a full disk the step
+    // times cannot be written either).
+    match (written, &result) {
+        (Err(e), Ok(_)) => return Err(e),
+        (Err(e), Err(_)) => progress::warn(&format!("{e:#}")),
+        (Ok(()), _) => {}
+    }
     progress::close_log_file();
     if result.is_ok() || !o.keep_work {
         if o.keep_work {

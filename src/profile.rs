@@ -16,6 +16,10 @@ pub const DEFAULT_PROFILE: &str = "ubuntu-noble";
 pub const GPT_OVERHEAD: u64 = 2 << 20;
 /// The BIOS boot partition of a hybrid disk (GRUB's core.img goes there).
 pub const BIOS_BOOT_SIZE: u64 = 1 << 20;
+/// The largest disk or partition a profile may ask for: the largest file
+/// ext4 holds (the raw image is a file on the build host) and the largest
+/// volume the clouds take (an AWS EBS volume).
+pub const MAX_DISK_SIZE: u64 = 16 << 40;
 
 /// The outputs of a profile that names none.
 pub const DEFAULT_FORMATS: &[crate::formats::Format] =
@@ -211,11 +215,34 @@ struct BootFile {
 }
 
 /// A size as written: `512MiB` or a plain number of bytes.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 enum SizeText {
     Text(String),
     Bytes(u64),
+}
+
+impl<'de> Deserialize<'de> for SizeText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<SizeText, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SizeText;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a size such as 512MiB or 2GiB, or a number of bytes")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<SizeText, E> {
+                Ok(SizeText::Bytes(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<SizeText, E> {
+                u64::try_from(v)
+                    .map(SizeText::Bytes)
+                    .map_err(|_| E::custom(format!("invalid size {v} (a size is not negative)")))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SizeText, E> {
+                Ok(SizeText::Text(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl SizeText {
@@ -264,21 +291,49 @@ impl ProfileSource {
         Ok(names)
     }
 
-    fn read(&self, name: &str) -> Option<(PathBuf, String)> {
+    /// The profile `name` here, its path and text; `None` when there is
+    /// no such profile.
+    fn read(&self, name: &str) -> Result<Option<(PathBuf, String)>, ConfigError> {
         let file = format!("{name}.yml");
         match self {
-            ProfileSource::Embedded => assets::PROFILES.get_file(&file).map(|f| {
+            ProfileSource::Embedded => Ok(assets::PROFILES.get_file(&file).map(|f| {
                 (
                     Path::new("os-profiles").join(&file),
                     f.contents_utf8().unwrap_or_default().to_string(),
                 )
-            }),
-            ProfileSource::Dir(d) => {
-                let p = d.join(&file);
-                std::fs::read_to_string(&p).ok().map(|t| (p, t))
-            }
+            })),
+            ProfileSource::Dir(d) => read_profile_file(&d.join(&file)),
         }
     }
+}
+
+/// A profile file found by its name in a directory; `None` when there is
+/// none. Anything but a regular file is an error, not opened: reading a
+/// FIFO would block for ever.
+fn read_profile_file(p: &Path) -> Result<Option<(PathBuf, String)>, ConfigError> {
+    let cannot = |e: std::io::Error| ConfigError::new(p, format!("cannot read profile: {e}"));
+    let md = match std::fs::metadata(p) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(cannot(e)),
+    };
+    if !md.is_file() {
+        return Err(ConfigError::new(
+            p,
+            "cannot read profile: not a regular file (a FIFO, a directory?)",
+        ));
+    }
+    let text = std::fs::read_to_string(p).map_err(cannot)?;
+    Ok(Some((p.to_path_buf(), text)))
+}
+
+/// A profile name as `extends:` may give it: no path.
+fn is_profile_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 fn yml_stem(p: &Path) -> Option<String> {
@@ -293,7 +348,7 @@ pub fn load(name_or_path: &str, source: &ProfileSource) -> Result<Profile, Confi
             .map_err(|e| ConfigError::new(&p, format!("cannot read profile: {e}")))?;
         (p, text)
     } else {
-        source.read(name_or_path).ok_or_else(|| {
+        source.read(name_or_path)?.ok_or_else(|| {
             let known = source.names().unwrap_or_default().join(", ");
             ConfigError::new(
                 PathBuf::from(format!("{name_or_path}.yml")),
@@ -317,13 +372,33 @@ pub fn load(name_or_path: &str, source: &ProfileSource) -> Result<Profile, Confi
         }
         chain.push(Loaded { path, text, file });
         let Some(parent) = parent else { break };
+        // A parent is named, not given as a path: a profile cannot pull in
+        // a file from elsewhere on the host.
+        if !is_profile_name(&parent) {
+            let l = chain.last().expect("chain has the child");
+            return Err(ConfigError::at(
+                &l.path,
+                &l.text,
+                "extends",
+                r"^extends:",
+                format!(
+                    "`{parent}` is not a profile name (extends names a profile beside this \
+                     file, in --profiles-dir or built in; not a path)"
+                ),
+            ));
+        }
         let here = chain.last().map(|l| l.path.clone()).unwrap_or_default();
         let sibling = here.parent().map(|d| d.join(format!("{parent}.yml")));
-        let found = sibling
-            .filter(|p| p.is_file())
-            .and_then(|p| std::fs::read_to_string(&p).ok().map(|t| (p, t)))
-            .or_else(|| source.read(&parent))
-            .or_else(|| ProfileSource::Embedded.read(&parent));
+        let mut found = match sibling {
+            Some(p) => read_profile_file(&p)?,
+            None => None,
+        };
+        if found.is_none() {
+            found = source.read(&parent)?;
+        }
+        if found.is_none() {
+            found = ProfileSource::Embedded.read(&parent)?;
+        }
         match found {
             Some((p, t)) => {
                 path = p;
@@ -411,6 +486,25 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
             }
         }
     }
+    // Role inputs come from the profile's own directory; a file elsewhere
+    // on the host is given with --role-input, by the person building.
+    for (name, file) in f.role_inputs.iter().flatten() {
+        let inside = file.is_relative()
+            && file
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !inside {
+            return Err(err(
+                &format!("role_inputs.{name}"),
+                &format!(r#"^\s*"?{}"?\s*:"#, regex::escape(name)),
+                format!(
+                    "`{}` is not a path inside the profile's directory (relative, without \
+                     `..`); name a file elsewhere with --role-input {name}=FILE",
+                    file.display()
+                ),
+            ));
+        }
+    }
     if let Some(pkgs) = &f.packages {
         let re = regex::Regex::new(r"^[a-z0-9][a-z0-9+.-]+$").expect("static regex");
         let mut seen = BTreeSet::new();
@@ -433,14 +527,16 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
     }
     if let Some(d) = &f.disk {
         if let Some(s) = &d.size {
-            parse_size(&s.as_text()).map_err(|m| err("disk.size", r"^\s*size:", m))?;
+            let size = parse_size(&s.as_text()).and_then(at_most_max);
+            size.map_err(|m| err("disk.size", r"^\s*size:", m))?;
         }
         for (i, p) in d.partitions.iter().flatten().enumerate() {
             let key = format!("disk.partitions[{i}]");
             let at = format!(r"mount:\s*{}\s*(,|\}}|$)", regex::escape(&p.mount));
             check_mount_path(&p.mount).map_err(|m| err(&format!("{key}.mount"), &at, m))?;
-            let size =
-                parse_size(&p.size.as_text()).map_err(|m| err(&format!("{key}.size"), &at, m))?;
+            let size = parse_size(&p.size.as_text())
+                .and_then(at_most_max)
+                .map_err(|m| err(&format!("{key}.size"), &at, m))?;
             let min: u64 = match p.fs {
                 FsType::Vfat => 64 << 20,
                 FsType::Ext4 => 16 << 20,
@@ -506,6 +602,19 @@ fn check_file(l: &Loaded) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// A size no larger than [`MAX_DISK_SIZE`].
+fn at_most_max(size: u64) -> Result<u64, String> {
+    if size > MAX_DISK_SIZE {
+        return Err(format!(
+            "{} is too large (at most {}: the largest image file ext4 holds and the \
+             largest volume the clouds take)",
+            crate::config::format_size(size),
+            crate::config::format_size(MAX_DISK_SIZE)
+        ));
+    }
+    Ok(size)
 }
 
 fn check_mount_path(m: &str) -> Result<(), String> {
@@ -802,16 +911,25 @@ fn build_disk(chain: &[Loaded], owner: &Loaded) -> Result<Disk, ConfigError> {
             ));
         }
     }
-    let needed: u64 = partitions
-        .iter()
-        .map(|p| p.size.div_ceil(1 << 20) * (1 << 20))
-        .sum::<u64>()
-        + GPT_OVERHEAD
-        + if boot_flag(chain, |b| b.bios) {
-            BIOS_BOOT_SIZE
-        } else {
-            0
-        };
+    // Sizes come from the file: a sum past u64 is an error, not a wrap.
+    let bios = if boot_flag(chain, |b| b.bios) {
+        BIOS_BOOT_SIZE
+    } else {
+        0
+    };
+    let needed = partitions.iter().try_fold(GPT_OVERHEAD + bios, |sum, p| {
+        p.size
+            .div_ceil(1 << 20)
+            .checked_mul(1 << 20)
+            .and_then(|s| sum.checked_add(s))
+    });
+    let Some(needed) = needed else {
+        return Err(at(
+            "disk.partitions",
+            "partitions:",
+            "the partitions' sizes add up to more than a disk can hold (16 EiB)".into(),
+        ));
+    };
     let size_text = chain.iter().find_map(|l| {
         l.file
             .disk

@@ -494,9 +494,14 @@ impl StageSource {
                         continue;
                     }
                     let name = entry.file_name().to_string_lossy().into_owned();
+                    // Links among the stage files may point anywhere in the
+                    // stages directory or in the stage's own.
+                    let bounds: Vec<PathBuf> = [root, &p]
+                        .iter()
+                        .filter_map(|d| d.canonicalize().ok())
+                        .collect();
                     let mut files = Vec::new();
-                    collect_dir(&p, &p, &mut files)
-                        .map_err(|e| ConfigError::new(&p, format!("cannot read: {e}")))?;
+                    collect_dir(&p, &p, &bounds, &mut files)?;
                     out.push((name, files));
                 }
             }
@@ -524,21 +529,69 @@ fn collect_embedded(d: &include_dir::Dir<'static>, base: &Path, out: &mut DirFil
     }
 }
 
-fn collect_dir(dir: &Path, base: &Path, out: &mut DirFiles) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let p = entry?.path();
-        if p.is_dir() {
-            collect_dir(&p, base, out)?;
-        } else {
-            let rel = p
-                .strip_prefix(base)
-                .unwrap_or(&p)
-                .to_string_lossy()
-                .into_owned();
-            out.push((rel, std::fs::read(&p)?));
+/// Every file under a stage directory, by its path relative to `base`.
+/// A symlink is followed only to a regular file inside `bounds` (the
+/// stages directory): a stage cannot carry a host file into the image
+/// through a link, and a linked directory, which may loop, is refused.
+/// Anything else that is not a regular file is an error naming it, never
+/// opened (reading a FIFO would block for ever).
+fn collect_dir(
+    dir: &Path,
+    base: &Path,
+    bounds: &[PathBuf],
+    out: &mut DirFiles,
+) -> Result<(), ConfigError> {
+    let cannot = |p: &Path, e: std::io::Error| ConfigError::new(p, format!("cannot read: {e}"));
+    for entry in std::fs::read_dir(dir).map_err(|e| cannot(dir, e))? {
+        let p = entry.map_err(|e| cannot(dir, e))?.path();
+        let ft = std::fs::symlink_metadata(&p)
+            .map_err(|e| cannot(&p, e))?
+            .file_type();
+        if ft.is_dir() {
+            collect_dir(&p, base, bounds, out)?;
+            continue;
         }
+        if ft.is_symlink() {
+            let target = p.canonicalize().map_err(|e| cannot(&p, e))?;
+            if !bounds.iter().any(|b| target.starts_with(b)) {
+                return Err(ConfigError::new(
+                    &p,
+                    format!(
+                        "a symlink to {}, outside the stages directory: not followed",
+                        target.display()
+                    ),
+                ));
+            }
+            if !target.is_file() {
+                return Err(ConfigError::new(
+                    &p,
+                    "a symlink to a directory or a special file: not followed \
+                     (stage files are regular files)",
+                ));
+            }
+        } else if !ft.is_file() {
+            return Err(ConfigError::new(
+                &p,
+                "not a regular file (a FIFO, socket or device): not read",
+            ));
+        }
+        let rel = p
+            .strip_prefix(base)
+            .unwrap_or(&p)
+            .to_string_lossy()
+            .into_owned();
+        out.push((rel, std::fs::read(&p).map_err(|e| cannot(&p, e))?));
     }
     Ok(())
+}
+
+/// An absolute path with no `.`, `..` or empty (`//`) component: what a
+/// stage writes or changes is where its path says.
+fn is_normalized_abs(path: &str) -> bool {
+    path.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/')
+            .all(|c| !c.is_empty() && c != "." && c != "..")
+    })
 }
 
 /// The ordered set of stages.
@@ -717,6 +770,8 @@ fn build_stage(
     assets: BTreeMap<String, Vec<u8>>,
 ) -> Result<Stage, ConfigError> {
     let err = |key: &str, needle: &str, msg: String| ConfigError::at(yml, text, key, needle, msg);
+    // The stage's directory as the user knows it, for messages.
+    let stage_dir = yml.parent().unwrap_or(Path::new(dir));
     let pkg_re = regex::Regex::new(r"^[a-z0-9][a-z0-9+.-]+$").expect("static regex");
     for p in file
         .packages
@@ -744,13 +799,26 @@ fn build_stage(
                 format!("`{}` must be an absolute file path", f.path),
             ));
         }
+        if !is_normalized_abs(&f.path) {
+            return Err(err(
+                &format!("{key}.path"),
+                &at,
+                format!(
+                    "`{}` must be a normalized absolute path (no `.`, `..` or `//`)",
+                    f.path
+                ),
+            ));
+        }
         match (&f.source, &f.content) {
             (Some(src), None) => {
                 if !assets.contains_key(src) {
                     return Err(err(
                         &format!("{key}.source"),
                         &at,
-                        format!("`{src}` not found under stages/{dir}/files/"),
+                        format!(
+                            "`{src}` not found under {}/",
+                            stage_dir.join("files").display()
+                        ),
                     ));
                 }
             }
@@ -781,6 +849,16 @@ fn build_stage(
                 &format!("permissions[{i}].path"),
                 &at,
                 format!("`{}` must be absolute", p.path),
+            ));
+        }
+        if !is_normalized_abs(&p.path) {
+            return Err(err(
+                &format!("permissions[{i}].path"),
+                &at,
+                format!(
+                    "`{}` must be a normalized absolute path (no `.`, `..` or `//`)",
+                    p.path
+                ),
             ));
         }
         if p.mode.is_none() && p.owner.is_none() && p.group.is_none() {
@@ -857,7 +935,7 @@ fn build_stage(
                     err(
                         "script",
                         r"^script:",
-                        format!("`{name}` not found in stages/{dir}/"),
+                        format!("`{name}` not found in {}/", stage_dir.display()),
                     )
                 })?;
             Some((name.clone(), body))

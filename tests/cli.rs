@@ -907,7 +907,7 @@ fn waivers_waive_failing_controls_until_they_expire_and_diff_gates_on_regression
         &["--waivers", waivers.to_str().unwrap()],
         &d.path().join("x.json"),
     );
-    assert_config_error(&o, waivers.to_str().unwrap(), 6, "waivers.control");
+    assert_config_error(&o, waivers.to_str().unwrap(), 6, "waivers[1].control");
     assert!(text(&o).contains("sshd-no-such-thing"), "{}", text(&o));
     let bad = d.path().join("bad.json");
     std::fs::write(&bad, "{\n  \"results\": 3\n}\n").unwrap();

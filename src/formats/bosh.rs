@@ -562,7 +562,7 @@ fn append_file<W: Write>(
         .with_context(|| format!("stat {}", src.display()))?
         .len();
     header.set_size(size);
-    let mut body = BufReader::with_capacity(1 << 20, file).take(size);
+    let mut body = BufReader::with_capacity(1 << 20, crate::interrupt::Reader(file)).take(size);
     tar.append_data(header, name, &mut body)?;
     ensure!(
         body.limit() == 0,

@@ -93,7 +93,9 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 /// A digest of a file's contents, lowercase hex, read 1 MiB at a time.
 pub fn digest_file<D: Digest>(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = crate::interrupt::Reader(
+        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+    );
     let mut h = D::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

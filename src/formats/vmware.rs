@@ -883,7 +883,11 @@ pub fn ova_at(ovf: &Path, vmdk: &Path, out: &Path, mtime: u64) -> Result<()> {
             Box::new(ovf_bytes.as_slice()),
         ),
         (&mf_name, mf.len() as u64, Box::new(mf.as_bytes())),
-        (&vmdk_name, disk_size, Box::new(disk)),
+        (
+            &vmdk_name,
+            disk_size,
+            Box::new(crate::interrupt::Reader(disk)),
+        ),
     ];
     for (name, size, data) in members {
         let header = member_header(name, size, mtime)?;

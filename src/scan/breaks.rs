@@ -66,6 +66,17 @@ impl Mutation {
         if !self.path().starts_with('/') {
             return Err(format!("break: `{}` is not an absolute path", self.path()));
         }
+        // `prove` resolves paths inside the tree, `..` too; a recipe that
+        // names one path and changes another is refused.
+        if self.path()[1..]
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(format!(
+                "break: `{}` is not a normalized path (no `.`, `..` or `//`)",
+                self.path()
+            ));
+        }
         match self {
             Mutation::Chmod { mode, .. } | Mutation::Mkdir { mode, .. } => {
                 u32::from_str_radix(mode, 8)

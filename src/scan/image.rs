@@ -29,6 +29,12 @@ use std::sync::mpsc;
 /// The most directory entries read from one directory.
 const MAX_ENTRIES: usize = 1_000_000;
 
+/// The most GPT partition entries read (partitioning tools write 128).
+const MAX_GPT_ENTRIES: u32 = 16_384;
+
+/// The thread that owns the mounted file systems.
+const WORKER: &str = "image-view";
+
 /// What the image holds, in the order found.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Layout {
@@ -159,6 +165,101 @@ fn err_io(e: Ext4Error, path: &str) -> io::Error {
     io::Error::new(kind, format!("{path}: {e}"))
 }
 
+/// The longest symlink target read (the kernel's PATH_MAX).
+const MAX_LINK: u64 = 4096;
+
+/// The target of the symlink `inner` of `fs`, whose metadata is `md`.
+/// ext4-view sizes its buffer for a target kept in data blocks from the
+/// inode's size, which a damaged image can set to terabytes: a longer
+/// target than the kernel allows is refused first.
+fn link_target(
+    fs: &Ext4,
+    inner: &str,
+    md: &ext4_view::Metadata,
+    shown: &str,
+) -> io::Result<ext4_view::PathBuf> {
+    if md.len() > MAX_LINK {
+        return Err(io::Error::other(format!(
+            "{shown}: a symlink target of {} bytes (at most {MAX_LINK})",
+            md.len()
+        )));
+    }
+    fs.read_link(inner).map_err(|e| err_io(e, shown))
+}
+
+/// `/etc/fstab` of one file system, read as the view reads files:
+/// symlinks resolved here, at most [`super::target::MAX_READ`] bytes
+/// (ext4-view's own `read_to_string` sizes its buffer from the inode).
+fn read_fstab(fs: &Ext4) -> io::Result<String> {
+    let one = Mounts(vec![Mount {
+        point: "/".into(),
+        fs: fs.clone(),
+    }]);
+    let (bytes, more) = one.read("/etc/fstab", super::target::MAX_READ)?;
+    if more {
+        return Err(io::Error::other(format!(
+            "/etc/fstab is larger than {} MiB",
+            super::target::MAX_READ >> 20
+        )));
+    }
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// The most block groups an ext4 superblock may claim: 2^20 groups hold
+/// 128 TiB with 4 KiB blocks.
+const MAX_BLOCK_GROUPS: u64 = 1 << 20;
+
+/// Refuse an ext4 superblock whose blocks the partition cannot hold, or
+/// with more block groups than [`MAX_BLOCK_GROUPS`]: ext4-view allocates
+/// a descriptor for every group the superblock claims before it reads
+/// one. Also the fields ext4-view trusts where the kernel checks them:
+/// blocks per group (it divides by it) and, on a 64-bit file system, the
+/// descriptor size (it reads 64-bit fields past a shorter one). What is
+/// not ext4 at all is left to ext4-view to say.
+fn check_superblock(part: &mut Partition) -> std::result::Result<(), String> {
+    let mut sb = [0u8; 1024];
+    if part.read(1024, &mut sb).is_err() || sb[0x38..0x3a] != [0x53, 0xef] {
+        return Ok(());
+    }
+    let le32 = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes"));
+    let log_block = le32(0x18);
+    if log_block > 6 {
+        return Err(format!(
+            "ext4 blocks of 2^{} bytes",
+            u64::from(log_block) + 10
+        ));
+    }
+    let block = 1024u64 << log_block;
+    // As ext4-view counts them: the high half whatever the features say.
+    let blocks = u64::from(le32(0x150)) << 32 | u64::from(le32(0x4));
+    if blocks.checked_mul(block).is_none_or(|b| b > part.len) {
+        return Err(format!(
+            "the superblock claims {blocks} blocks of {block} bytes; the partition has {} bytes",
+            part.len
+        ));
+    }
+    let per_group = u64::from(le32(0x20));
+    if per_group == 0 {
+        return Err("the superblock gives block groups of 0 blocks".into());
+    }
+    let groups = blocks
+        .saturating_sub(u64::from(le32(0x14)))
+        .div_ceil(per_group);
+    if groups > MAX_BLOCK_GROUPS {
+        return Err(format!(
+            "the superblock claims {groups} block groups (at most {MAX_BLOCK_GROUPS} are read)"
+        ));
+    }
+    let desc_size = u16::from_le_bytes([sb[0xfe], sb[0xff]]);
+    let is_64bit = le32(0x60) & 0x80 != 0;
+    if is_64bit && !(desc_size.is_power_of_two() && (64..=1024).contains(&desc_size)) {
+        return Err(format!(
+            "a 64-bit file system with group descriptors of {desc_size} bytes"
+        ));
+    }
+    Ok(())
+}
+
 fn kind_of(t: FileType) -> Kind {
     if t.is_dir() {
         Kind::Dir
@@ -252,7 +353,7 @@ impl Mounts {
                     )));
                 }
                 let (fs, inner) = self.locate(&p);
-                let link = fs.read_link(inner.as_str()).map_err(|e| err_io(e, &p))?;
+                let link = link_target(fs, &inner, &md, &p)?;
                 let link = link
                     .to_str()
                     .map_err(|_| io::Error::other(format!("{p}: symlink target is not UTF-8")))?;
@@ -359,18 +460,53 @@ impl std::fmt::Debug for ImageView {
     }
 }
 
+/// Run `f`, with a panic turned into an error. The GPT and ext4 readers
+/// parse untrusted bytes; where one of them trips over damaged data (a
+/// division by zero on a zeroed superblock field, say), that is the
+/// image's error, not the end of the scan. The worker thread's panics are
+/// not printed (see [`quiet_worker_panics`]): their message is here.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        format!("the image's data is damaged: its reader failed ({why})")
+    })
+}
+
+/// Keep the default panic output for every thread but the image worker,
+/// whose panics [`guarded`] reports as errors.
+fn quiet_worker_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name() != Some(WORKER) {
+                previous(info);
+            }
+        }));
+    });
+}
+
 impl ImageView {
-    fn call<R: Send + 'static>(&self, f: impl FnOnce(&Mounts) -> R + Send + 'static) -> R {
+    fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Mounts) -> io::Result<R> + Send + 'static,
+    ) -> io::Result<R> {
         let (tx, rx) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |m| {
-            let _ = tx.send(f(m));
+            let r = guarded(|| f(m)).unwrap_or_else(|why| Err(io::Error::other(why)));
+            let _ = tx.send(r);
         });
+        let stopped = || io::Error::other("the image reader stopped");
         self.jobs
             .lock()
             .expect("image worker lock")
             .send(job)
-            .expect("the image worker runs as long as the view");
-        rx.recv().expect("the image worker answers every call")
+            .map_err(|_| stopped())?;
+        rx.recv().unwrap_or_else(|_| Err(stopped()))
     }
 
     /// Open `image` (raw, qcow2 or streamOptimized/sparse VMDK).
@@ -403,17 +539,21 @@ impl ImageView {
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let raw2 = raw.clone();
         let qcow = format == "qcow2";
+        quiet_worker_panics();
         std::thread::Builder::new()
-            .name("image-view".into())
-            .spawn(move || match assemble(&raw2, qcow) {
-                Ok((mounts, mut layout)) => {
+            .name(WORKER.into())
+            .spawn(move || match guarded(|| assemble(&raw2, qcow)) {
+                Err(why) => {
+                    let _ = ready_tx.send(Err(anyhow::anyhow!(why)));
+                }
+                Ok(Ok((mounts, mut layout))) => {
                     layout.format = String::new();
                     let _ = ready_tx.send(Ok(layout));
                     for job in rx {
                         job(&mounts);
                     }
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     let _ = ready_tx.send(Err(e));
                 }
             })
@@ -431,10 +571,20 @@ impl ImageView {
 
 /// `raw`, `qcow2` or `vmdk`, by the file's magic.
 fn sniff(image: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(image)
+    // Look before opening: opening a FIFO for reading blocks until a
+    // writer comes, and opening a device can have effects.
+    let md = std::fs::metadata(image)
         .with_context(|| format!("opening the image {}", image.display()))?;
-    let md = f.metadata()?;
     if !md.is_file() {
+        bail!("not a regular file");
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(image)
+        .with_context(|| format!("opening the image {}", image.display()))?;
+    if !f.metadata()?.is_file() {
         bail!("not a regular file");
     }
     let mut head = [0u8; 4];
@@ -459,6 +609,7 @@ fn assemble(file: &Path, qcow: bool) -> Result<(Mounts, Layout)> {
     };
     let size = disk.len();
     let disk: SharedDisk = std::rc::Rc::new(std::cell::RefCell::new(disk));
+    check_gpt_header(&disk)?;
     let device = Device {
         disk: disk.clone(),
         pos: 0,
@@ -479,11 +630,15 @@ fn assemble(file: &Path, qcow: bool) -> Result<(Mounts, Layout)> {
         if end > size || start >= end {
             bail!("partition {n} claims bytes {start}..{end}, but the image has {size} bytes");
         }
-        let part = Partition {
+        let mut part = Partition {
             disk: disk.clone(),
             start,
             len: end - start,
         };
+        if let Err(why) = check_superblock(&mut part) {
+            notes.push(format!("partition {n} ({}): not read ({why})", p.name));
+            continue;
+        }
         match Ext4::load(Box::new(part)) {
             Ok(fs) => {
                 let uuid = fs.uuid().to_string().to_ascii_lowercase();
@@ -494,24 +649,26 @@ fn assemble(file: &Path, qcow: bool) -> Result<(Mounts, Layout)> {
         }
     }
     let root = filesystems.iter().position(|(_, fs, uuid, _)| {
-        fs.read_to_string("/etc/fstab").is_ok_and(|t| {
-            fstab(&t)
-                .iter()
-                .any(|(spec, point, _)| point == "/" && matches_spec(spec, uuid, "", ""))
+        read_fstab(fs).is_ok_and(|t| {
+            fstab(&t).iter().any(|(spec, point, fstype)| {
+                point == "/" && fstype != "swap" && matches_spec(spec, uuid, "", "")
+            })
         })
     });
     let Some(root) = root else {
+        // Why the partitions were not read is the news of a damaged image.
+        let why = if notes.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", notes.join("; "))
+        };
         bail!(
-            "no ext4 partition holds an /etc/fstab that mounts it as / ({} ext4 file systems found)",
+            "no ext4 partition holds an /etc/fstab that mounts it as / ({} ext4 file systems found{why})",
             filesystems.len()
         );
     };
-    let fstab_lines = fstab(
-        &filesystems[root]
-            .1
-            .read_to_string("/etc/fstab")
-            .map_err(|e| anyhow::anyhow!("/etc/fstab: {e}"))?,
-    );
+    let fstab_lines =
+        fstab(&read_fstab(&filesystems[root].1).map_err(|e| anyhow::anyhow!("/etc/fstab: {e}"))?);
     let mut mounts = Vec::new();
     let mut layout = Layout {
         format: String::new(),
@@ -547,6 +704,59 @@ fn assemble(file: &Path, qcow: bool) -> Result<(Mounts, Layout)> {
     }
     mounts.sort_by_key(|m| std::cmp::Reverse(m.point.len()));
     Ok((Mounts(mounts), layout))
+}
+
+/// Check the GPT header the `gpt` crate will use (the primary one, else
+/// the backup in the disk's last sector, whichever has a valid CRC) where
+/// the crate trusts it: it asserts 128-byte entries, and it reads the
+/// claimed entries one by one and allocates them whole (2^32 of them on a
+/// large sparse disk: hours, and 512 GiB).
+fn check_gpt_header(disk: &SharedDisk) -> Result<()> {
+    let len = disk.borrow().len();
+    let mut headers = vec![512];
+    if len >= 3 * 512 {
+        headers.push((len - 512) / 512 * 512);
+    }
+    for at in headers {
+        let mut h = [0u8; 92];
+        if at + 92 > len || disk.borrow_mut().read_at(at, &mut h).is_err() {
+            continue;
+        }
+        let le32 = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+        if &h[..8] != b"EFI PART" {
+            continue;
+        }
+        let stored = le32(16);
+        let mut zeroed = h;
+        zeroed[16..20].fill(0);
+        let mut crc = flate2::Crc::new();
+        crc.update(&zeroed);
+        if crc.sum() != stored {
+            continue;
+        }
+        let (count, size) = (le32(80), le32(84));
+        let start = u64::from_le_bytes(h[72..80].try_into().expect("8 bytes"));
+        if size != 128 {
+            bail!(
+                "the GPT header at byte {at} gives partition entries of {size} bytes (GPT's are 128)"
+            );
+        }
+        if count > MAX_GPT_ENTRIES {
+            bail!(
+                "the GPT header at byte {at} claims {count} partition entries (at most {MAX_GPT_ENTRIES} are read)"
+            );
+        }
+        let end = start
+            .checked_mul(512)
+            .and_then(|s| s.checked_add(u64::from(count) * 128));
+        if end.is_none_or(|e| e > len) {
+            bail!(
+                "the GPT header at byte {at} puts its partition entries beyond the end of the {len}-byte disk"
+            );
+        }
+        return Ok(());
+    }
+    Ok(())
 }
 
 /// (spec, mount point, type) of each fstab line.
@@ -603,8 +813,9 @@ impl FsView for ImageView {
         let path = path.to_string();
         self.call(move |m| {
             let p = m.resolve(&path, false)?;
+            let md = m.lstat(&p)?;
             let (fs, inner) = m.locate(&p);
-            let link = fs.read_link(inner.as_str()).map_err(|e| err_io(e, &path))?;
+            let link = link_target(fs, &inner, &md, &path)?;
             Ok(link.display().to_string())
         })
     }

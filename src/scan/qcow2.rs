@@ -127,6 +127,15 @@ impl Qcow2 {
             if offset == 0 || !seen.insert(offset) {
                 continue;
             }
+            // L2 tables start on cluster boundaries (the spec says so, and
+            // qemu refuses others): at most one table per cluster of the
+            // file, so checking them reads the file at most once, where
+            // tables 512 bytes apart would read it thousands of times.
+            if offset % cluster != 0 {
+                return Err(bad(format!(
+                    "an L2 table at byte {offset}, not on a {cluster}-byte cluster boundary"
+                )));
+            }
             let table = self.l2_table(offset)?;
             for &entry in table.iter() {
                 let (host, len) = if entry & (1 << 62) != 0 {

@@ -298,12 +298,31 @@ impl Target {
     }
 
     /// Entry names of a directory, sorted; empty when it does not exist.
+    /// A name that is not UTF-8 is an error: it shows only lossily and
+    /// cannot be asked for again, so a check that read the rest would
+    /// judge without it (an sshd drop-in, a sysctl.d file) and might pass.
     pub fn list_dir(&self, path: &str) -> io::Result<Vec<String>> {
-        match self.view.read_dir(path) {
-            Ok(entries) => Ok(entries.into_iter().map(|e| e.0).collect()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(e),
+        let entries = match self.view.read_dir(path) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut names = Vec::with_capacity(entries.len());
+        for (name, _) in entries {
+            if name.contains(char::REPLACEMENT_CHARACTER) {
+                let full = format!("{}/{name}", path.trim_end_matches('/'));
+                if let Err(e) = self.symlink_metadata(&full) {
+                    if e.kind() == io::ErrorKind::NotFound {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("{full}: a name that is not UTF-8; it cannot be read"),
+                        ));
+                    }
+                }
+            }
+            names.push(name);
         }
+        Ok(names)
     }
 
     /// In-target paths matching `pattern` (`*` and `?` in any component),

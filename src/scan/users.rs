@@ -75,8 +75,16 @@ impl Users {
                 .map(str::to_string)
                 .collect();
             let Ok(gid) = f[2].parse() else { continue };
-            if groups.insert(f[0].to_string(), (gid, members)).is_some() {
-                duplicate_groups.push(f[0].to_string());
+            // The first entry of a name is the group, as glibc's files
+            // database reads it: a later duplicate neither hides its
+            // members nor changes its gid.
+            match groups.entry(f[0].to_string()) {
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    duplicate_groups.push(f[0].to_string());
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert((gid, members));
+                }
             }
         }
         Users {

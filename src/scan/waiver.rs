@@ -7,7 +7,7 @@
 
 use super::outcome::Status;
 use super::{ControlResult, Report};
-use crate::config::{ConfigError, locate, parse_yaml};
+use crate::config::{ConfigError, locate_all, parse_yaml};
 use crate::stage::Catalog;
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
@@ -51,31 +51,38 @@ pub fn load(file: &Path, catalog: &Catalog) -> Result<Vec<Waiver>, ConfigError> 
     let text = std::fs::read_to_string(file)
         .map_err(|e| ConfigError::new(file, format!("cannot read the waiver file: {e}")))?;
     let parsed: WaiverFile = parse_yaml(file, &text)?;
-    for w in &parsed.waivers {
-        let line = locate(
-            &text,
-            &format!(
-                r"control:\s*['\x22]?{}['\x22]?\s*(,|\}}|$)",
-                regex::escape(&w.control)
-            ),
-            1,
-        );
-        let at = |msg: String| {
+    // Every waiver has each of its keys once (the parser saw to that), so
+    // the i-th `key:` line of the file is the i-th waiver's.
+    let line_of = |i: usize, key: &str| {
+        locate_all(&text, &format!(r"^\s*(-\s*)?{key}\s*:"))
+            .get(i)
+            .copied()
+    };
+    for (i, w) in parsed.waivers.iter().enumerate() {
+        let at = |key: &str, msg: String| {
             ConfigError::new(file, msg)
-                .with_line(line)
-                .with_key("waivers.control")
+                .with_line(line_of(i, key))
+                .with_key(format!("waivers[{i}].{key}"))
         };
         if !catalog.controls().any(|(_, c)| c.id == w.control) {
-            return Err(at(format!(
-                "no control `{}` in the catalog (see `stemforge controls`)",
-                w.control
-            )));
+            return Err(at(
+                "control",
+                format!(
+                    "no control `{}` in the catalog (see `stemforge controls`)",
+                    w.control
+                ),
+            ));
         }
-        if w.reason.trim().is_empty() || w.approver.trim().is_empty() {
-            return Err(at(format!(
-                "the waiver of `{}` needs a reason and an approver",
-                w.control
-            )));
+        for (key, value) in [("reason", &w.reason), ("approver", &w.approver)] {
+            if value.trim().is_empty() {
+                return Err(at(
+                    key,
+                    format!(
+                        "the waiver of `{}` needs a reason and an approver",
+                        w.control
+                    ),
+                ));
+            }
         }
     }
     Ok(parsed.waivers)

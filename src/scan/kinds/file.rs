@@ -168,6 +168,16 @@ impl FileCheck {
                 return None;
             }
         };
+        // Without a `kind`, the path is a file or a directory: a FIFO,
+        // socket or device in its place passes no test of its mode or
+        // owner, whatever they are.
+        if self.kind.is_none() && !matches!(md.kind, Kind::File | Kind::Dir) {
+            f.bad(format!(
+                "{path}: is a {}, not a regular file or directory",
+                md.kind.name()
+            ));
+            return None;
+        }
         if let Some(k) = &self.kind {
             let actual = match md.kind {
                 Kind::Symlink => "symlink",
