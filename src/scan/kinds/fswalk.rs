@@ -259,6 +259,18 @@ struct Walk {
 
 const MAX_FLAGGED: usize = 100_000;
 
+/// An image's directories deeper than this are not read. A damaged ext4
+/// can make a directory its own descendant, which no kernel allows; the
+/// walk would follow such a loop without end.
+const MAX_IMAGE_DEPTH: usize = 128;
+
+/// The work an image walk may do, as the sum of the squared depths of the
+/// directories it reads (the image view resolves every component of a
+/// path from the root): a tree of 100,000 directories ten deep needs a
+/// fifth of it, and it takes seconds. Past it, the image's directories
+/// branch back into themselves and the walk stops.
+const IMAGE_WALK_BUDGET: usize = 50_000_000;
+
 fn walk(t: &Target) -> Result<Walk, String> {
     let mut skip: BTreeSet<String> = ALWAYS_SKIPPED.iter().map(|s| s.to_string()).collect();
     if t.is_live() {
@@ -282,8 +294,25 @@ fn walk(t: &Target) -> Result<Walk, String> {
         walked: 0,
         truncated: false,
     };
-    let mut stack = vec![String::from("/")];
-    while let Some(dir) = stack.pop() {
+    let image = t.kind() == "image";
+    let mut spent = 0usize;
+    let mut stack = vec![(String::from("/"), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        if image && depth > MAX_IMAGE_DEPTH {
+            w.unreadable.push(format!(
+                "{dir} (deeper than {MAX_IMAGE_DEPTH} directories: a directory loop?)"
+            ));
+            continue;
+        }
+        spent = spent.saturating_add(depth * depth);
+        if image && spent > IMAGE_WALK_BUDGET {
+            w.unreadable.push(format!(
+                "{dir} and what was left (the image's directories lead back into \
+                 themselves: a walk of {} entries stopped)",
+                w.walked
+            ));
+            break;
+        }
         let entries = match t.read_dir(&dir) {
             Ok(e) => e,
             Err(e) => {
@@ -307,7 +336,7 @@ fn walk(t: &Target) -> Result<Walk, String> {
             let interesting = !md.is_symlink()
                 && (md.mode & 0o6022 != 0 || unowned || md.uid != 0 || md.gid != 0);
             if md.is_dir() {
-                stack.push(path.clone());
+                stack.push((path.clone(), depth + 1));
             }
             if interesting {
                 if w.flagged.len() == MAX_FLAGGED {
