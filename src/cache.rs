@@ -25,7 +25,7 @@ pub fn default_dir() -> PathBuf {
 /// An exclusive advisory lock, released when dropped (or when the process
 /// dies).
 pub struct Lock {
-    _file: File,
+    file: File,
 }
 
 impl Lock {
@@ -54,14 +54,21 @@ impl Lock {
     pub fn acquire(path: &Path) -> Result<Lock> {
         let file = Lock::open(path)?;
         Lock::flock(&file, libc::LOCK_EX).with_context(|| format!("locking {}", path.display()))?;
-        Ok(Lock { _file: file })
+        Ok(Lock { file })
+    }
+
+    /// Wait for a shared lock (others may hold it shared too).
+    pub fn shared(path: &Path) -> Result<Lock> {
+        let file = Lock::open(path)?;
+        Lock::flock(&file, libc::LOCK_SH).with_context(|| format!("locking {}", path.display()))?;
+        Ok(Lock { file })
     }
 
     /// The exclusive lock if nobody holds the lock now; `None` otherwise.
     pub fn try_acquire(path: &Path) -> Result<Option<Lock>> {
         let file = Lock::open(path)?;
         match Lock::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-            Ok(()) => Ok(Some(Lock { _file: file })),
+            Ok(()) => Ok(Some(Lock { file })),
             Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
             Err(e) => Err(e).with_context(|| format!("locking {}", path.display())),
         }
@@ -69,14 +76,14 @@ impl Lock {
 
     /// Turn an exclusive lock into a shared one (others may share it).
     pub fn share(self) -> Result<Lock> {
-        Lock::flock(&self._file, libc::LOCK_SH).context("sharing a lock")?;
+        Lock::flock(&self.file, libc::LOCK_SH).context("sharing a lock")?;
         Ok(self)
     }
 
     /// Write a note into the lock file (who holds it).
     pub fn note(&self, text: &str) -> Result<()> {
         use std::io::{Seek, Write};
-        let mut f = &self._file;
+        let mut f = &self.file;
         f.set_len(0)?;
         f.seek(std::io::SeekFrom::Start(0))?;
         f.write_all(text.as_bytes())?;
@@ -118,9 +125,19 @@ impl Cache {
     ) -> Result<(PathBuf, Hit, Lock)> {
         let base = self.dir.join(kind);
         let entry = base.join(key);
-        let lock = Lock::acquire(&base.join(format!(".{key}.lock")))?;
+        let lock_path = base.join(format!(".{key}.lock"));
         let marker = entry.join(".complete");
-        if std::fs::read_to_string(&marker).is_ok_and(|k| k == key) {
+        let complete = || std::fs::read_to_string(&marker).is_ok_and(|k| k == key);
+        // Builds that find the entry share it; one that must make it waits
+        // for them, makes it alone, then shares it.
+        let shared = Lock::shared(&lock_path)?;
+        if complete() {
+            touch(&marker);
+            return Ok((entry, Hit::Hit, shared));
+        }
+        drop(shared);
+        let lock = Lock::acquire(&lock_path)?;
+        if complete() {
             touch(&marker);
             return Ok((entry, Hit::Hit, lock.share()?));
         }
