@@ -87,7 +87,7 @@ fn canonical_or_self(p: &Path) -> PathBuf {
     p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Delete a tree, refusing when anything is mounted inside it (a /dev or
+/// Delete a tree (or a file), refusing when anything is mounted inside it (a /dev or
 /// /proc left behind would take the host's files with it). Never crosses
 /// into another file system.
 pub fn remove_tree(path: &Path) -> Result<()> {

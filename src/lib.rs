@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod disk;
 pub mod exec;
+pub mod ext4;
 pub mod formats;
 pub mod fsutil;
 pub mod interrupt;

@@ -621,7 +621,7 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     // half-written: after a failure or a kill, every output there is whole
     // and of this build.
     for p in stale_outputs(&plan, &o.out_dir, true) {
-        remove_path(&p)?;
+        fsutil::remove_tree(&p)?;
     }
     if !o.keep_work {
         crate::interrupt::remove_on_forced_stop(work.clone());
@@ -675,7 +675,7 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     if result.is_err() {
         // Nothing half-written stays under a name that looks finished.
         for p in stale_outputs(&plan, &o.out_dir, false) {
-            remove_path(&p)?;
+            fsutil::remove_tree(&p)?;
         }
     }
     drop(out_lock);
@@ -711,14 +711,6 @@ fn stale_outputs(plan: &Plan, out_dir: &Path, finished: bool) -> Vec<PathBuf> {
         })
         .chain(half_written)
         .collect()
-}
-
-fn remove_path(p: &Path) -> Result<()> {
-    match p.symlink_metadata() {
-        Ok(m) if m.is_dir() => fsutil::remove_tree(p),
-        Ok(_) => std::fs::remove_file(p).with_context(|| format!("removing {}", p.display())),
-        Err(_) => Ok(()),
-    }
 }
 
 type StepsOutcome = (Vec<Artifact>, Report, Vec<Verdict>);

@@ -34,22 +34,13 @@ fn crc32c_raw(seed: u32, data: &[u8]) -> u32 {
     !crc32c::crc32c_append(!seed, data)
 }
 
-// ext4 on-disk offsets (Documentation/filesystems/ext4/ in the kernel).
-const SB_INODES_COUNT: usize = 0x0;
-const SB_FIRST_DATA_BLOCK: usize = 0x14;
-const SB_LOG_BLOCK_SIZE: usize = 0x18;
-const SB_INODES_PER_GROUP: usize = 0x28;
-const SB_MAGIC: usize = 0x38;
-const SB_REV_LEVEL: usize = 0x4c;
-const SB_INODE_SIZE: usize = 0x58;
-const SB_INCOMPAT: usize = 0x60;
-const SB_RO_COMPAT: usize = 0x64;
-const SB_UUID: usize = 0x68;
-const SB_DESC_SIZE: usize = 0xfe;
-const SB_CHECKSUM_SEED: usize = 0x270;
-const INCOMPAT_64BIT: u32 = 0x80;
-const INCOMPAT_CSUM_SEED: u32 = 0x2000;
-const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
+use crate::ext4::{
+    CHECKSUM_SEED, DESC_SIZE, FIRST_DATA_BLOCK, INCOMPAT, INCOMPAT_64BIT, INCOMPAT_CSUM_SEED,
+    INODE_SIZE, INODES_COUNT, INODES_PER_GROUP, LOG_BLOCK_SIZE, MAGIC, MAGIC_VALUE, REV_LEVEL,
+    RO_COMPAT, RO_COMPAT_METADATA_CSUM, SUPERBLOCK_AT, UUID, le16, le32,
+};
+
+// Group descriptor and inode fields the time fix-up touches.
 const BG_INODE_UNINIT: u16 = 0x1;
 const I_ATIME: usize = 0x08;
 const I_CTIME: usize = 0x0c;
@@ -64,12 +55,6 @@ const I_ATIME_EXTRA: usize = 0x8c;
 const I_CRTIME: usize = 0x90;
 const I_CRTIME_EXTRA: usize = 0x94;
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
-}
 fn put32(b: &mut [u8], o: usize, v: u32) {
     b[o..o + 4].copy_from_slice(&v.to_le_bytes());
 }
@@ -90,39 +75,39 @@ pub fn fix_ext4_times(image: &Path, epoch: u32) -> Result<u64> {
         .open(image)
         .with_context(|| format!("opening {}", image.display()))?;
     let mut sb = vec![0u8; 1024];
-    f.read_exact_at(&mut sb, 1024)
+    f.read_exact_at(&mut sb, SUPERBLOCK_AT)
         .with_context(|| format!("reading the superblock of {}", image.display()))?;
     ensure!(
-        le16(&sb, SB_MAGIC) == 0xef53,
+        le16(&sb, MAGIC) == MAGIC_VALUE,
         "{} is not an ext4 file system",
         image.display()
     );
-    let block = 1024u64 << le32(&sb, SB_LOG_BLOCK_SIZE).min(6);
-    let per_group = le32(&sb, SB_INODES_PER_GROUP) as u64;
-    let inode_size = if le32(&sb, SB_REV_LEVEL) == 0 {
+    let block = 1024u64 << le32(&sb, LOG_BLOCK_SIZE).min(6);
+    let per_group = le32(&sb, INODES_PER_GROUP) as u64;
+    let inode_size = if le32(&sb, REV_LEVEL) == 0 {
         128
     } else {
-        le16(&sb, SB_INODE_SIZE) as usize
+        le16(&sb, INODE_SIZE) as usize
     };
     ensure!(
         per_group > 0 && (128..=4096).contains(&inode_size),
         "{}: implausible inode geometry",
         image.display()
     );
-    let incompat = le32(&sb, SB_INCOMPAT);
-    let csum = le32(&sb, SB_RO_COMPAT) & RO_COMPAT_METADATA_CSUM != 0;
+    let incompat = le32(&sb, INCOMPAT);
+    let csum = le32(&sb, RO_COMPAT) & RO_COMPAT_METADATA_CSUM != 0;
     let desc_size = if incompat & INCOMPAT_64BIT != 0 {
-        (le16(&sb, SB_DESC_SIZE) as usize).max(32)
+        (le16(&sb, DESC_SIZE) as usize).max(32)
     } else {
         32
     };
     let fs_seed = if incompat & INCOMPAT_CSUM_SEED != 0 {
-        le32(&sb, SB_CHECKSUM_SEED)
+        le32(&sb, CHECKSUM_SEED)
     } else {
-        crc32c_raw(!0, &sb[SB_UUID..SB_UUID + 16])
+        crc32c_raw(!0, &sb[UUID..UUID + 16])
     };
-    let groups = (le32(&sb, SB_INODES_COUNT) as u64).div_ceil(per_group);
-    let gdt_at = (le32(&sb, SB_FIRST_DATA_BLOCK) as u64 + 1) * block;
+    let groups = (le32(&sb, INODES_COUNT) as u64).div_ceil(per_group);
+    let gdt_at = (le32(&sb, FIRST_DATA_BLOCK) as u64 + 1) * block;
     let mut descs = vec![0u8; groups as usize * desc_size];
     f.read_exact_at(&mut descs, gdt_at)
         .with_context(|| format!("reading the group descriptors of {}", image.display()))?;

@@ -587,7 +587,7 @@ fn collect_dir(
 
 /// An absolute path with no `.`, `..` or empty (`//`) component: what a
 /// stage writes or changes is where its path says.
-fn is_normalized_abs(path: &str) -> bool {
+pub(crate) fn is_normalized_abs(path: &str) -> bool {
     path.strip_prefix('/').is_some_and(|rest| {
         rest.split('/')
             .all(|c| !c.is_empty() && c != "." && c != "..")

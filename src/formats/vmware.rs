@@ -539,7 +539,7 @@ fn set_cid(path: &Path, cid: u32) -> Result<()> {
     let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     let text = std::str::from_utf8(&buf[..end]).context("the descriptor is not text")?;
     let mut found = false;
-    let mut out: String = text
+    let out: String = text
         .split_inclusive('\n')
         .map(|line| {
             if line.starts_with("CID=") {
@@ -555,7 +555,7 @@ fn set_cid(path: &Path, cid: u32) -> Result<()> {
         out.len() <= buf.len(),
         "the descriptor outgrows its sectors"
     );
-    let mut bytes = std::mem::take(&mut out).into_bytes();
+    let mut bytes = out.into_bytes();
     bytes.resize(buf.len(), 0);
     f.write_all_at(&bytes, h.descriptor_offset * SECTOR)
         .context("writing the descriptor")?;

@@ -68,10 +68,7 @@ impl Mutation {
         }
         // `prove` resolves paths inside the tree, `..` too; a recipe that
         // names one path and changes another is refused.
-        if self.path()[1..]
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-        {
+        if !crate::stage::is_normalized_abs(self.path()) {
             return Err(format!(
                 "break: `{}` is not a normalized path (no `.`, `..` or `//`)",
                 self.path()

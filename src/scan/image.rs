@@ -217,12 +217,13 @@ const MAX_BLOCK_GROUPS: u64 = 1 << 20;
 /// descriptor size (it reads 64-bit fields past a shorter one). What is
 /// not ext4 at all is left to ext4-view to say.
 fn check_superblock(part: &mut Partition) -> std::result::Result<(), String> {
+    use crate::ext4::*;
     let mut sb = [0u8; 1024];
-    if part.read(1024, &mut sb).is_err() || sb[0x38..0x3a] != [0x53, 0xef] {
+    if part.read(SUPERBLOCK_AT, &mut sb).is_err() || le16(&sb, MAGIC) != MAGIC_VALUE {
         return Ok(());
     }
-    let le32 = |o: usize| u32::from_le_bytes(sb[o..o + 4].try_into().expect("4 bytes"));
-    let log_block = le32(0x18);
+    let le32 = |o: usize| le32(&sb, o);
+    let log_block = le32(LOG_BLOCK_SIZE);
     if log_block > 6 {
         return Err(format!(
             "ext4 blocks of 2^{} bytes",
@@ -231,27 +232,27 @@ fn check_superblock(part: &mut Partition) -> std::result::Result<(), String> {
     }
     let block = 1024u64 << log_block;
     // As ext4-view counts them: the high half whatever the features say.
-    let blocks = u64::from(le32(0x150)) << 32 | u64::from(le32(0x4));
+    let blocks = u64::from(le32(BLOCKS_COUNT_HI)) << 32 | u64::from(le32(BLOCKS_COUNT_LO));
     if blocks.checked_mul(block).is_none_or(|b| b > part.len) {
         return Err(format!(
             "the superblock claims {blocks} blocks of {block} bytes; the partition has {} bytes",
             part.len
         ));
     }
-    let per_group = u64::from(le32(0x20));
+    let per_group = u64::from(le32(BLOCKS_PER_GROUP));
     if per_group == 0 {
         return Err("the superblock gives block groups of 0 blocks".into());
     }
     let groups = blocks
-        .saturating_sub(u64::from(le32(0x14)))
+        .saturating_sub(u64::from(le32(FIRST_DATA_BLOCK)))
         .div_ceil(per_group);
     if groups > MAX_BLOCK_GROUPS {
         return Err(format!(
             "the superblock claims {groups} block groups (at most {MAX_BLOCK_GROUPS} are read)"
         ));
     }
-    let desc_size = u16::from_le_bytes([sb[0xfe], sb[0xff]]);
-    let is_64bit = le32(0x60) & 0x80 != 0;
+    let desc_size = le16(&sb, DESC_SIZE);
+    let is_64bit = le32(INCOMPAT) & INCOMPAT_64BIT != 0;
     if is_64bit && !(desc_size.is_power_of_two() && (64..=1024).contains(&desc_size)) {
         return Err(format!(
             "a 64-bit file system with group descriptors of {desc_size} bytes"
