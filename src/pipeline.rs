@@ -263,7 +263,7 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
             sets.push(".aws");
         }
         for set in sets {
-            for suffix in ["console.log", "scan.json", "verify.json"] {
+            for suffix in VERIFY_REPORTS {
                 outputs.push(o.out_dir.join(format!("{name}{set}.{suffix}")));
             }
         }
@@ -689,17 +689,24 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     }))
 }
 
+/// The reports of one verification boot; a boot's set is `NAME.SUFFIX`,
+/// `NAME.vsphere.SUFFIX` or `NAME.aws.SUFFIX` (see `boots`).
+const VERIFY_REPORTS: [&str; 3] = ["console.log", "scan.json", "verify.json"];
+
 /// Outputs of this build an earlier build may have left: under temporary
-/// names (every output of the profile's), and with `finished`, this
-/// build's outputs under their final names too.
+/// names (every output and verification report of the profile's), and
+/// with `finished`, this build's outputs under their final names too.
 fn stale_outputs(plan: &Plan, out_dir: &Path, finished: bool) -> Vec<PathBuf> {
     let os = format!("{}-{}", plan.profile.os.distro, plan.profile.os.codename);
-    let half_written = Format::ALL.iter().flat_map(|f| {
-        formats::producer(*f)
-            .files_for(&plan.name, &plan.version, &os)
-            .into_iter()
-            .map(|n| fsutil::partial_path(&out_dir.join(n)))
-    });
+    let name = &plan.name;
+    let reports = ["", ".vsphere", ".aws"]
+        .into_iter()
+        .flat_map(|set| VERIFY_REPORTS.map(|suffix| format!("{name}{set}.{suffix}")));
+    let half_written = Format::ALL
+        .iter()
+        .flat_map(|f| formats::producer(*f).files_for(name, &plan.version, &os))
+        .chain(reports)
+        .map(|n| fsutil::partial_path(&out_dir.join(n)));
     plan.outputs
         .iter()
         .flat_map(|out| {
@@ -1097,6 +1104,22 @@ mod tests {
         o.suite_mirrors = vec![];
         o.mirror = Some("mirror.internal/debian".into());
         assert!(plan(&o).is_err());
+    }
+
+    #[test]
+    fn a_build_without_verify_still_clears_a_killed_verify_s_partial_reports() {
+        let mut o = opts("debian-bookworm");
+        o.verify = false;
+        let p = plan(&o).unwrap();
+        let stale = stale_outputs(&p, Path::new("out"), false);
+        for n in [
+            ".debian-bookworm.console.log.partial",
+            ".debian-bookworm.aws.verify.json.partial",
+            ".debian-bookworm.qcow2.partial",
+        ] {
+            assert!(stale.contains(&Path::new("out").join(n)), "{n}: {stale:?}");
+        }
+        assert!(!stale.contains(&Path::new("out").join("debian-bookworm.qcow2")));
     }
 
     #[test]
