@@ -27,7 +27,7 @@ subprocess.run([bin, "build", "--profile", profile, "--out", f"{out}/warm",
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 PY
 echo "== scan of the hardened root tree (5 runs)"
-tree="$out/cold/.work/$profile/rootfs"
+tree="$out/cold/.work/$profile/tree"
 scan_ms=()
 for _ in 1 2 3 4 5; do
   t0=$(date +%s%N); "$bin" scan --root "$tree" --format json >/dev/null; t1=$(date +%s%N)

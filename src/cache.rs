@@ -12,8 +12,19 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-/// Entries of one kind kept after a new one is made.
-const KEEP: usize = 3;
+/// Entries of one kind kept after a new one is made (layers: the chains
+/// of this many images).
+fn keep_of(kind: &str) -> usize {
+    match kind {
+        "bootstrap" => 3,
+        "layers" => 8,
+        "verdicts" => 64,
+        _ => 4,
+    }
+}
+
+/// The kinds of entries, bottom up.
+pub const KINDS: [&str; 5] = ["bootstrap", "layers", "disks", "formats", "verdicts"];
 
 /// The default cache: `$STEMFORGE_CACHE_DIR`, else /var/cache/stemforge.
 pub fn default_dir() -> PathBuf {
@@ -94,6 +105,9 @@ impl Lock {
 #[derive(Debug, Clone)]
 pub struct Cache {
     dir: PathBuf,
+    /// Every kind but bootstrap goes here instead (a build that must not
+    /// reuse or leave layers: the second build of a reproducibility check).
+    private: Option<PathBuf>,
 }
 
 /// Whether `get_or_make` found the entry or made it.
@@ -107,7 +121,28 @@ impl Cache {
     pub fn new(dir: &Path) -> Cache {
         Cache {
             dir: dir.to_path_buf(),
+            private: None,
         }
+    }
+
+    /// The same bootstrap entries, every other kind in `dir`.
+    pub fn with_private_layers(mut self, dir: &Path) -> Cache {
+        self.private = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Where entries of `kind` live.
+    pub fn kind_dir(&self, kind: &str) -> PathBuf {
+        match &self.private {
+            Some(p) if kind != "bootstrap" => p.join(kind),
+            _ => self.dir.join(kind),
+        }
+    }
+
+    /// Where file hashes are remembered (see
+    /// [`crate::formats::manifest::remember_hashes_in`]).
+    pub fn hash_memo_dir(&self) -> PathBuf {
+        self.dir.join("hashes")
     }
 
     pub fn dir(&self) -> &Path {
@@ -123,7 +158,7 @@ impl Cache {
         key: &str,
         make: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<(PathBuf, Hit, Lock)> {
-        let base = self.dir.join(kind);
+        let base = self.kind_dir(kind);
         let entry = base.join(key);
         let lock_path = base.join(format!(".{key}.lock"));
         let marker = entry.join(".complete");
@@ -164,7 +199,11 @@ impl Cache {
 
     /// Keep the newest entries of a kind; never the one just used.
     fn prune(&self, kind: &str, keep_key: &str) -> Result<()> {
-        let base = self.dir.join(kind);
+        if kind == "layers" {
+            return crate::cachectl::prune_layers(self, keep_of(kind), None, Some(keep_key))
+                .map(|_| ());
+        }
+        let base = self.kind_dir(kind);
         let mut entries: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&base)
             .with_context(|| format!("reading {}", base.display()))?
             .flatten()
@@ -181,7 +220,7 @@ impl Cache {
             })
             .collect();
         entries.sort_by_key(|e| std::cmp::Reverse(e.0));
-        for (_, p) in entries.into_iter().skip(KEEP) {
+        for (_, p) in entries.into_iter().skip(keep_of(kind)) {
             let Some(name) = p.file_name().map(|n| n.to_string_lossy().into_owned()) else {
                 continue;
             };
@@ -197,7 +236,7 @@ impl Cache {
     }
 }
 
-fn touch(p: &Path) {
+pub(crate) fn touch(p: &Path) {
     let _ = File::options()
         .write(true)
         .open(p)
@@ -255,7 +294,7 @@ mod tests {
         let c = Cache::new(d.path());
         let (_, _, in_use) = c.get_or_make("t", "old", |_| Ok(())).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
-        for i in 0..KEEP + 1 {
+        for i in 0..keep_of("t") + 1 {
             c.get_or_make("t", &format!("k{i}"), |_| Ok(())).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
@@ -306,7 +345,7 @@ mod tests {
             .flatten()
             .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
             .count();
-        assert_eq!(n, KEEP);
+        assert_eq!(n, keep_of("t"));
         assert!(d.path().join("t/k4").exists());
     }
 }

@@ -42,6 +42,12 @@ pub struct Cli {
 pub enum Command {
     /// Build an image: bootstrap, harden, lay out, package, verify
     Build(Box<BuildArgs>),
+    /// Build profiles x roles x formats, N at a time over one cache, and
+    /// print one table (each cell is the `build` a CI job runs)
+    Matrix(Box<MatrixArgs>),
+    /// Manage the cache: list, size, prune, export and import entries
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Boot an image under QEMU and run the compliance scan inside it
     Verify(VerifyArgs),
     /// Boot an image under QEMU for a person: prints the ssh command
@@ -109,6 +115,14 @@ impl ReportFormat {
             ReportFormat::Sarif => scan::sarif::render(r),
         }
     }
+}
+
+/// When `build --verify` boots the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerifyWhen {
+    Auto,
+    Always,
+    Never,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -196,9 +210,19 @@ pub struct BuildArgs {
     /// of SOURCE_DATE_EPOCH (or today) as YYYYMMDD
     #[arg(long, value_name = "VERSION")]
     pub image_version: Option<String>,
-    /// Do not boot and scan the image
+    /// Boot and scan the image: auto reuses the verdict of an earlier boot
+    /// of a bit-for-bit equal disk (kept in the cache) and says so; always
+    /// boots; never does not verify
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub verify: VerifyWhen,
+    /// Do not boot and scan the image (--verify never)
     #[arg(long)]
     pub no_verify: bool,
+    /// Make every layer, the disk and the formats afresh in the work
+    /// directory, neither reusing nor keeping cached ones (the bootstrap
+    /// is still shared)
+    #[arg(long)]
+    pub no_layer_cache: bool,
     /// Print the full plan and exit (no network, no root needed)
     #[arg(long)]
     pub dry_run: bool,
@@ -226,6 +250,87 @@ pub struct BuildArgs {
     pub json: bool,
     #[command(flatten)]
     pub vm: VmArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MatrixArgs {
+    /// Profiles (OS images), comma-separated or repeated
+    #[arg(long, value_name = "NAMES", required = true)]
+    pub profiles: Vec<String>,
+    /// Roles: base (none) or a role name, e.g. base,docker,postgres
+    #[arg(long, value_name = "NAMES", default_value = "base")]
+    pub roles: Vec<String>,
+    /// One cell per word: a --format word of `build`, or a family
+    /// (vsphere: vmdk+ova, kvm: qcow2+openstack)
+    #[arg(long, value_name = "WORDS", required = true)]
+    pub formats: Vec<String>,
+    /// Cells built at once
+    #[arg(short, long, value_name = "N", default_value_t = 1)]
+    pub jobs: usize,
+    /// Output directory: each cell writes to OUT/NAME/FORMAT
+    #[arg(short, long, value_name = "DIR", default_value = "matrix")]
+    pub out: PathBuf,
+    /// When cells boot their images (see `build --verify`)
+    #[arg(long, value_enum, value_name = "WHEN", default_value = "auto")]
+    pub verify: VerifyWhen,
+    /// One JUnit report of every cell's build, boots and controls
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Print the cells' commands and exit
+    #[arg(long)]
+    pub list: bool,
+    /// The table, or JSON (a machine reads it)
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+    /// Profiles directory instead of the built-in profiles
+    #[arg(long, value_name = "DIR")]
+    pub profiles_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub vm: VmArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List the entries: kind, key, last use, size, what each holds
+    Ls(CacheArgs),
+    /// Size of the cache, per kind
+    Du(CacheArgs),
+    /// Remove entries: beyond the newest N of each kind (layers: the
+    /// chains of N images), or unused for a while; builds' entries stay
+    Prune {
+        /// Keep the N most recently used entries of each kind
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+        /// Remove entries unused for this long: 7d, 12h, 30m
+        #[arg(long, value_name = "AGE", value_parser = crate::cachectl::parse_age)]
+        older_than: Option<std::time::Duration>,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Write every entry as DIR/KIND/KEY.tar with an index of their
+    /// SHA-256 (a directory a CI system can save and restore)
+    Export {
+        dir: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Add the entries of an export directory whose archives match the
+    /// index's SHA-256 (damaged ones are skipped and named)
+    Import {
+        dir: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// The cache directory
+    #[arg(long, value_name = "DIR", env = "STEMFORGE_CACHE_DIR", default_value_os_t = crate::cache::default_dir())]
+    pub cache_dir: PathBuf,
+    /// Text, or JSON (ls, du, prune, import)
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Args)]
@@ -465,6 +570,8 @@ fn run(cli: Cli) -> Result<i32> {
     let verbose = cli.verbose;
     match cli.command {
         Command::Build(a) => build(*a),
+        Command::Matrix(a) => matrix_cmd(*a),
+        Command::Cache(c) => cache_cmd(c),
         Command::Verify(a) => verify_cmd(a),
         Command::Boot(a) => boot_cmd(a),
         Command::Scan(a) => scan_cmd(a, verbose),
@@ -503,7 +610,9 @@ fn build(a: BuildArgs) -> Result<i32> {
         name: a.name,
         formats: (!a.formats.is_empty()).then_some(a.formats),
         image_version: a.image_version,
-        verify: !a.no_verify,
+        verify: !a.no_verify && a.verify != VerifyWhen::Never,
+        reverify: a.verify == VerifyWhen::Always,
+        layer_cache: !a.no_layer_cache,
         dry_run: a.dry_run,
         cache_dir: a.vm.cache_dir,
         keep_work: a.keep_work,
@@ -555,6 +664,146 @@ fn build(a: BuildArgs) -> Result<i32> {
     Ok(if built.passed() && reproducible { 0 } else { 1 })
 }
 
+fn matrix_cmd(a: MatrixArgs) -> Result<i32> {
+    use crate::matrix;
+    let mut build_args = vec![
+        "--verify".to_string(),
+        format!("{:?}", a.verify).to_lowercase(),
+        "--accel".to_string(),
+        format!("{:?}", a.vm.accel).to_lowercase(),
+        "--cache-dir".to_string(),
+        a.vm.cache_dir.display().to_string(),
+    ];
+    if let Some(t) = a.vm.timeout {
+        build_args.extend(["--timeout".to_string(), t.to_string()]);
+    }
+    if let Some(f) = &a.vm.firmware {
+        build_args.extend(["--firmware".to_string(), f.clone()]);
+    }
+    if let Some(v) = &a.vm.vm {
+        build_args.extend(["--vm".to_string(), v.display().to_string()]);
+    }
+    if let Some(d) = &a.profiles_dir {
+        build_args.extend(["--profiles-dir".to_string(), d.display().to_string()]);
+    }
+    let o = matrix::MatrixOptions {
+        profiles: a.profiles,
+        roles: a.roles,
+        formats: a.formats,
+        jobs: a.jobs,
+        out: a.out,
+        profiles_source: profile_source(&a.profiles_dir),
+        build_args,
+    };
+    let cells = matrix::cells(&o)?;
+    if a.list {
+        match a.format {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&cells)?),
+            OutputFormat::Text => {
+                for c in &cells {
+                    println!("{}", c.command.join(" "));
+                }
+            }
+        }
+        return Ok(0);
+    }
+    crate::interrupt::install()?;
+    let t0 = std::time::Instant::now();
+    let outcomes = matrix::run(&cells, o.jobs);
+    let wall = t0.elapsed().as_secs_f64();
+    if let Some(f) = &a.junit {
+        crate::fsutil::write_atomic(f, matrix::junit(&outcomes).as_bytes())?;
+    }
+    match a.format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "seconds": wall,
+                "cells": outcomes,
+            }))?
+        ),
+        OutputFormat::Text => print!("{}", matrix::render(&outcomes, wall)),
+    }
+    crate::interrupt::check()?;
+    Ok(if outcomes.iter().all(|o| o.passed()) {
+        0
+    } else {
+        1
+    })
+}
+
+fn cache_cmd(c: CacheCommand) -> Result<i32> {
+    use crate::cachectl;
+    let cache = |a: &CacheArgs| crate::cache::Cache::new(&a.cache_dir);
+    let print = |format: OutputFormat, json: serde_json::Value, text: String| -> Result<()> {
+        match format {
+            OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&json)?),
+            OutputFormat::Text => print!("{text}"),
+        }
+        Ok(())
+    };
+    match c {
+        CacheCommand::Ls(a) => {
+            let e = cachectl::entries(&cache(&a), true)?;
+            print(a.format, serde_json::to_value(&e)?, cachectl::render_ls(&e))?;
+        }
+        CacheCommand::Du(a) => {
+            let e = cachectl::entries(&cache(&a), true)?;
+            let t = cachectl::totals(&e);
+            let json: Vec<_> = t
+                .iter()
+                .map(|(k, n, b)| serde_json::json!({"kind": k, "entries": n, "bytes": b}))
+                .collect();
+            print(a.format, serde_json::json!(json), cachectl::render_du(&t))?;
+        }
+        CacheCommand::Prune {
+            keep,
+            older_than,
+            cache: a,
+        } => {
+            if keep.is_none() && older_than.is_none() {
+                return Err(ConfigError::new(
+                    "cache prune",
+                    "say what to remove: --keep N, --older-than AGE, or both",
+                )
+                .into());
+            }
+            let removed = cachectl::prune(&cache(&a), keep, older_than)?;
+            let text = removed
+                .iter()
+                .map(|e| format!("removed {} {} {}\n", e.kind, e.key, e.about))
+                .collect::<String>()
+                + &format!("{} entries removed\n", removed.len());
+            print(a.format, serde_json::to_value(&removed)?, text)?;
+        }
+        CacheCommand::Export { dir, cache: a } => {
+            let (written, kept) = cachectl::export(&cache(&a), &dir)?;
+            println!(
+                "{} entries in {}: {written} written, {kept} unchanged",
+                written + kept,
+                dir.display()
+            );
+        }
+        CacheCommand::Import { dir, cache: a } => {
+            let r = cachectl::import(&cache(&a), &dir)?;
+            let mut text = format!(
+                "{} added, {} already present, {} rejected\n",
+                r.added.len(),
+                r.present.len(),
+                r.rejected.len()
+            );
+            for (n, why) in &r.rejected {
+                text.push_str(&format!("rejected {n}: {why}\n"));
+            }
+            print(a.format, serde_json::to_value(&r)?, text)?;
+            if !r.rejected.is_empty() {
+                return Ok(1);
+            }
+        }
+    }
+    Ok(0)
+}
+
 fn print_verdict(v: &verify::Verdict) {
     let how = format!("{:?}, {}", v.boot_as, v.boot_firmware.name());
     if v.passed {
@@ -566,6 +815,15 @@ fn print_verdict(v: &verify::Verdict) {
             scan.map(|s| s.pass).unwrap_or(0),
             scan.map(|s| s.not_applicable).unwrap_or(0)
         );
+        if let Some(r) = &v.reused {
+            let when = chrono::DateTime::from_timestamp(r.verified_at, 0)
+                .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+                .unwrap_or_default();
+            println!(
+                "  verdict reused: the disk (sha256 {}) is bit for bit the one booted {when}; --verify always boots again",
+                &r.disk_sha256[..16.min(r.disk_sha256.len())]
+            );
+        }
         if let Some(a) = &v.agent {
             if let Some(t) = &a.boot_time {
                 println!("  {t}");

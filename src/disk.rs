@@ -621,20 +621,41 @@ pub fn install_bios_boot(disk: &File, b: &BiosBoot, img: &BiosImages) -> Result<
     Ok(())
 }
 
-/// A part of the tree moved aside to become its own file system.
+/// A part of the tree that becomes its own file system, and where its
+/// file system's contents are read from.
 struct Carved {
     mount: String,
     staged: PathBuf,
 }
 
-/// Move each non-root partition's subtree out of the tree (deepest first),
-/// leaving an empty mount point with the original mode and owner.
-fn carve(tree: &Path, stage_dir: &Path, plan: &DiskPlan) -> Result<Vec<Carved>> {
+/// The tree split into its partitions' sources without moving a file
+/// (the tree may be a stack of read-only layers): each non-root
+/// partition's subtree is bound at `stage_dir/LABEL`, then in every source
+/// each partition directly beneath it is covered by an empty file system
+/// with the mount point's mode and owner. The mounts are in the build's
+/// private mount namespace; dropping the result removes them.
+struct Separated {
+    carved: Vec<Carved>,
+    mounts: Vec<crate::layers::Mount>,
+}
+
+impl Drop for Separated {
+    fn drop(&mut self) {
+        // Covers first, then the binds beneath them.
+        while self.mounts.pop().is_some() {}
+    }
+}
+
+fn separate(tree: &Path, stage_dir: &Path, plan: &DiskPlan) -> Result<Separated> {
+    use crate::layers::Mount;
     let mut parts: Vec<&PlannedPartition> =
         plan.partitions.iter().filter(|p| p.mount != "/").collect();
-    parts.sort_by_key(|p| std::cmp::Reverse(p.mount.matches('/').count()));
-    let mut carved = Vec::new();
-    for p in parts {
+    parts.sort_by_key(|p| p.mount.matches('/').count());
+    let mut out = Separated {
+        carved: Vec::new(),
+        mounts: Vec::new(),
+    };
+    for p in &parts {
         let src = tree.join(p.mount.trim_start_matches('/'));
         match src.symlink_metadata() {
             Ok(md) if md.file_type().is_symlink() => {
@@ -643,38 +664,68 @@ fn carve(tree: &Path, stage_dir: &Path, plan: &DiskPlan) -> Result<Vec<Carved>> 
                     p.mount
                 )
             }
+            Ok(md) if !md.is_dir() => bail!("{} is not a directory in the tree", p.mount),
             Ok(_) => {}
             Err(_) => {
                 std::fs::create_dir_all(&src)
                     .with_context(|| format!("creating mount point {}", p.mount))?;
             }
         }
-        let md = src.metadata()?;
+    }
+    for p in &parts {
         let staged = stage_dir.join(&p.label);
-        std::fs::rename(&src, &staged)
-            .with_context(|| format!("moving {} aside", src.display()))?;
-        std::fs::create_dir(&src)
-            .with_context(|| format!("creating mount point {}", src.display()))?;
-        std::fs::set_permissions(&src, std::fs::Permissions::from_mode(md.mode() & 0o7777))?;
-        fsutil::lchown(&src, md.uid(), md.gid())?;
-        carved.push(Carved {
+        std::fs::create_dir_all(&staged)
+            .with_context(|| format!("creating {}", staged.display()))?;
+        let src = tree.join(p.mount.trim_start_matches('/'));
+        out.mounts.push(Mount::bind(&src, &staged)?);
+        out.carved.push(Carved {
             mount: p.mount.clone(),
             staged,
         });
     }
-    Ok(carved)
-}
-
-/// Put carved subtrees back, shallowest first.
-fn uncarve(tree: &Path, carved: Vec<Carved>) -> Result<()> {
-    for c in carved.into_iter().rev() {
-        let dst = tree.join(c.mount.trim_start_matches('/'));
-        std::fs::remove_dir(&dst)
-            .with_context(|| format!("removing mount point {}", dst.display()))?;
-        std::fs::rename(&c.staged, &dst)
-            .with_context(|| format!("moving {} back to {}", c.staged.display(), dst.display()))?;
+    let mut sources: Vec<(String, PathBuf)> = vec![("/".to_string(), tree.to_path_buf())];
+    sources.extend(
+        out.carved
+            .iter()
+            .map(|c| (c.mount.clone(), c.staged.clone())),
+    );
+    let beneath = |outer: &str, inner: &str| -> bool {
+        let prefix = if outer == "/" {
+            "/".to_string()
+        } else {
+            format!("{outer}/")
+        };
+        inner != outer && inner.starts_with(&prefix)
+    };
+    for (mount, src) in &sources {
+        for q in &parts {
+            let direct = beneath(mount, &q.mount)
+                && !parts
+                    .iter()
+                    .any(|r| beneath(mount, &r.mount) && beneath(&r.mount, &q.mount));
+            if !direct {
+                continue;
+            }
+            let rel = q.mount[mount.len()..].trim_start_matches('/');
+            let dir = src.join(rel);
+            let md = dir
+                .metadata()
+                .with_context(|| format!("stat {}", dir.display()))?;
+            out.mounts.push(Mount::new(
+                "stemforge-mount-point",
+                &dir,
+                "tmpfs",
+                libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC,
+                &format!(
+                    "mode={:o},uid={},gid={},size=64k",
+                    md.mode() & 0o7777,
+                    md.uid(),
+                    md.gid()
+                ),
+            )?);
+        }
     }
-    Ok(())
+    Ok(out)
 }
 
 /// The image files are fresh and sparse, so all zeros: tell mke2fs not to
@@ -1052,17 +1103,10 @@ pub struct DiskReport {
     pub partitions: Vec<(String, u64)>,
 }
 
-/// The whole phase: fstab and grub.cfg into the tree, BOOTX64.EFI, every
-/// file system, the GPT disk at `out` (complete when this returns).
-pub fn assemble(
-    chroot: &Chroot,
-    profile: &Profile,
-    plan: &DiskPlan,
-    work: &Path,
-    out: &Path,
-) -> Result<DiskReport> {
-    let tree = chroot.root().to_path_buf();
-    let kernel = kernel_version(&tree)?;
+/// The disk's configuration in the tree: /etc/fstab and GRUB's
+/// configuration. Returns the kernel version the image boots.
+pub fn configure_tree(tree: &Path, profile: &Profile, plan: &DiskPlan) -> Result<String> {
+    let kernel = kernel_version(tree)?;
     let fstab = tree.join("etc/fstab");
     std::fs::write(&fstab, plan.fstab()).context("writing /etc/fstab")?;
     let grub_dir = tree.join("boot/grub");
@@ -1073,6 +1117,21 @@ pub fn assemble(
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600))
         .context("chmod grub.cfg")?;
     fsutil::lchown(&cfg, 0, 0)?;
+    Ok(kernel)
+}
+
+/// The whole phase on a tree [`configure_tree`] prepared: BOOTX64.EFI,
+/// every file system, the GPT disk at `out` (complete when this returns).
+/// It needs a private mount namespace ([`crate::layers::private_mounts`]).
+pub fn assemble(
+    chroot: &Chroot,
+    profile: &Profile,
+    plan: &DiskPlan,
+    work: &Path,
+    out: &Path,
+) -> Result<DiskReport> {
+    let tree = chroot.root().to_path_buf();
+    let kernel = kernel_version(&tree)?;
     progress::activity("boot loaders");
     let boot = boot_files(chroot, plan, profile)?;
 
@@ -1080,10 +1139,10 @@ pub fn assemble(
     fsutil::remove_tree(&stage_dir)?;
     std::fs::create_dir_all(&stage_dir)
         .with_context(|| format!("creating {}", stage_dir.display()))?;
-    let carved = carve(&tree, &stage_dir, plan)?;
-    let made = make_filesystems(&tree, plan, &carved, work, &boot.esp);
-    uncarve(&tree, carved)?;
-    let images = made?;
+    let images = {
+        let sources = separate(&tree, &stage_dir, plan)?;
+        make_filesystems(&tree, plan, &sources.carved, work, &boot.esp)?
+    };
     progress::activity("writing the GPT disk");
     write_gpt_disk(out, plan, &images, boot.bios.as_ref())?;
     for (_, img) in &images {
@@ -1451,7 +1510,8 @@ mod tests {
     }
 
     #[test]
-    fn carving_moves_subtrees_and_restores_them() {
+    #[ignore = "needs root (mounts, in a mount namespace of its own)"]
+    fn separating_gives_each_partition_its_subtree_and_leaves_the_tree_alone() {
         let d = tempfile::tempdir().unwrap();
         let tree = d.path().join("tree");
         for dir in ["var/log/audit", "tmp", "home", "boot/efi"] {
@@ -1465,18 +1525,30 @@ mod tests {
         let staged = d.path().join("parts");
         std::fs::create_dir(&staged).unwrap();
         let plan = plan(&profile(), "seed", 1_700_000_000);
-        let carved = carve(&tree, &staged, &plan).unwrap();
-        assert!(staged.join("audit/a.log").exists());
-        assert!(staged.join("var-log/syslog").exists());
-        assert!(staged.join("var-log/audit").is_dir());
-        assert!(!staged.join("var-log/audit/a.log").exists());
-        assert!(staged.join("var/x").exists());
-        assert_eq!(std::fs::read_dir(tree.join("var")).unwrap().count(), 0);
-        assert_eq!(tree.join("tmp").metadata().unwrap().mode() & 0o7777, 0o1777);
-        uncarve(&tree, carved).unwrap();
-        assert!(tree.join("var/log/audit/a.log").exists());
-        assert!(tree.join("var/log/syslog").exists());
-        assert!(tree.join("var/x").exists());
-        assert_eq!(tree.join("tmp").metadata().unwrap().mode() & 0o7777, 0o1777);
+        // A thread of its own: the namespace stays with it.
+        std::thread::spawn(move || {
+            crate::layers::private_mounts().unwrap();
+            let sep = separate(&tree, &staged, &plan).unwrap();
+            assert!(staged.join("audit/a.log").exists());
+            assert!(staged.join("var-log/syslog").exists());
+            assert!(staged.join("var-log/audit").is_dir());
+            assert!(!staged.join("var-log/audit/a.log").exists());
+            assert!(staged.join("var/x").exists());
+            assert_eq!(
+                std::fs::read_dir(staged.join("var/log")).unwrap().count(),
+                0
+            );
+            assert_eq!(std::fs::read_dir(tree.join("var")).unwrap().count(), 0);
+            assert_eq!(std::fs::read_dir(tree.join("tmp")).unwrap().count(), 0);
+            assert_eq!(tree.join("tmp").metadata().unwrap().mode() & 0o7777, 0o1777);
+            assert_eq!(sep.carved.len(), 6);
+            drop(sep);
+            assert!(tree.join("var/log/audit/a.log").exists());
+            assert!(tree.join("var/log/syslog").exists());
+            assert!(tree.join("var/x").exists());
+            assert_eq!(tree.join("tmp").metadata().unwrap().mode() & 0o7777, 0o1777);
+        })
+        .join()
+        .unwrap();
     }
 }

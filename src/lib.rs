@@ -9,6 +9,7 @@ pub mod benchmarks;
 pub mod bootstrap;
 pub mod boshagent;
 pub mod cache;
+pub mod cachectl;
 pub mod chroot;
 pub mod cli;
 pub mod config;
@@ -18,14 +19,18 @@ pub mod ext4;
 pub mod formats;
 pub mod fsutil;
 pub mod interrupt;
+pub mod layers;
+pub mod matrix;
 pub mod osimage;
 pub mod pipeline;
 pub mod profile;
 pub mod progress;
 pub mod reproducible;
+pub mod reuse;
 pub mod roles;
 pub mod scan;
 pub mod stage;
+pub mod treearchive;
 pub mod verify;
 
 /// The version of this stemforge build, recorded in images and reports.

@@ -29,18 +29,26 @@ pub struct Applied {
     pub initramfs_dirty: bool,
 }
 
-/// Apply `stages` (already filtered for the profile) to the tree.
+/// Apply `stages` (already filtered for the profile) to the tree: the
+/// packages, then each stage in order.
 pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
-    let root = chroot.root().to_path_buf();
-    chroot.deny_service_starts()?;
-    use_host_resolver(&root)?;
+    let (missing, purge) = package_changes(chroot.root(), stages)?;
+    prepare(chroot, &missing, &purge)?;
     let mut applied = Applied::default();
+    for stage in stages {
+        applied.initramfs_dirty |= apply_stage(chroot, stage)?;
+        applied.stages.push(stage.dir_name.clone());
+    }
+    Ok(applied)
+}
 
-    // Packages: bootstrap installed every `install`; purge what must go.
+/// The packages `stages` install that the tree lacks, and the ones they
+/// purge that it has (both sorted).
+pub fn package_changes(root: &Path, stages: &[&Stage]) -> Result<(Vec<String>, Vec<String>)> {
     let status = std::fs::read_to_string(root.join(DPKG_STATUS.trim_start_matches('/')))
         .context("reading the dpkg status of the tree")?;
     let have = installed(&status);
-    let (distro, codename) = os_of(&root)?;
+    let (distro, codename) = os_of(root)?;
     let missing: Vec<String> = stages
         .iter()
         .flat_map(|s| s.packages.install_for(&distro, &codename))
@@ -48,19 +56,29 @@ pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
+    let purge: Vec<String> = stages
+        .iter()
+        .flat_map(|s| s.packages.purge.iter())
+        .filter(|p| have.contains(*p))
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    Ok((missing, purge))
+}
+
+/// Ready the tree for the stages (no service starts, the host's resolver)
+/// and install and purge packages: bootstrap installed every base
+/// `install`; roles' packages and purges come here.
+pub fn prepare(chroot: &Chroot, missing: &[String], purge: &[String]) -> Result<()> {
+    chroot.deny_service_starts()?;
+    use_host_resolver(chroot.root())?;
     if !missing.is_empty() {
         progress::activity("apt-get install");
         let mut argv = vec!["apt-get", "install", "-y", "--no-install-recommends"];
         argv.extend(missing.iter().map(|s| s.as_str()));
         chroot.run(&argv).context("installing stage packages")?;
     }
-    let purge: Vec<&String> = stages
-        .iter()
-        .flat_map(|s| s.packages.purge.iter())
-        .filter(|p| have.contains(*p))
-        .collect::<BTreeSet<_>>()
-        .into_iter()
-        .collect();
     if !purge.is_empty() {
         progress::activity("apt-get purge");
         let mut argv = vec!["apt-get", "purge", "-y"];
@@ -69,20 +87,22 @@ pub fn apply_stages(chroot: &Chroot, stages: &[&Stage]) -> Result<Applied> {
             .run(&argv)
             .context("purging packages the stages forbid")?;
     }
+    Ok(())
+}
 
-    for stage in stages {
-        progress::activity(&format!("stage {}", stage.dir_name));
-        progress::detail(&format!("applying stage {}", stage.dir_name));
-        let loaded = Users::load(&Target::root(&root)?);
-        let users = loaded
-            .as_ref()
-            .as_ref()
-            .map_err(|e| anyhow::anyhow!("reading the tree's users: {e}"))?;
-        apply_one(chroot, stage, users, &mut applied)
-            .with_context(|| format!("stage {} ({})", stage.dir_name, stage.source.display()))?;
-        applied.stages.push(stage.dir_name.clone());
-    }
-    Ok(applied)
+/// Apply one stage; whether the initramfs must be rebuilt.
+pub fn apply_stage(chroot: &Chroot, stage: &Stage) -> Result<bool> {
+    progress::activity(&format!("stage {}", stage.dir_name));
+    progress::detail(&format!("applying stage {}", stage.dir_name));
+    let loaded = Users::load(&Target::root(chroot.root())?);
+    let users = loaded
+        .as_ref()
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("reading the tree's users: {e}"))?;
+    let mut applied = Applied::default();
+    apply_one(chroot, stage, users, &mut applied)
+        .with_context(|| format!("stage {} ({})", stage.dir_name, stage.source.display()))?;
+    Ok(applied.initramfs_dirty)
 }
 
 /// While stages run, name resolution in the tree uses the build host's

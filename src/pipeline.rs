@@ -35,6 +35,12 @@ pub struct BuildOptions {
     /// SOURCE_DATE_EPOCH as YYYYMMDD.
     pub image_version: Option<String>,
     pub verify: bool,
+    /// Boot even when the disk is the one a cached verdict proved
+    /// (`--verify always`).
+    pub reverify: bool,
+    /// Reuse and keep layers, disks and formats in the cache; off: made
+    /// afresh in the work directory (the bootstrap is shared still).
+    pub layer_cache: bool,
     pub dry_run: bool,
     pub cache_dir: PathBuf,
     pub keep_work: bool,
@@ -406,8 +412,11 @@ fn wrap(text: &str, width: usize, indent: &str) -> String {
     out
 }
 
-/// SOURCE_DATE_EPOCH from the environment, or now. ext4 keeps 32-bit
-/// seconds in the fields every reader knows, so that is the range.
+/// SOURCE_DATE_EPOCH from the environment, else the start of today (UTC):
+/// every time in the image is this one, so rebuilds within a day reuse
+/// the cached layers (set SOURCE_DATE_EPOCH, e.g. to the commit's time,
+/// to reuse them across days). ext4 keeps 32-bit seconds in the fields
+/// every reader knows, so that is the range.
 fn source_date_epoch() -> Result<i64> {
     match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) => match v.trim().parse::<i64>() {
@@ -418,7 +427,10 @@ fn source_date_epoch() -> Result<i64> {
             )
             .into()),
         },
-        Err(_) => Ok(chrono::Utc::now().timestamp()),
+        Err(_) => {
+            let now = chrono::Utc::now().timestamp();
+            Ok(now - now.rem_euclid(86_400))
+        }
     }
 }
 
@@ -629,6 +641,9 @@ pub fn build(o: &BuildOptions) -> Result<Option<Built>> {
     for p in stale_outputs(&plan, &o.out_dir, false) {
         crate::interrupt::remove_on_forced_stop(p);
     }
+    // The layers are overlay mounts: in a namespace of the build's own,
+    // gone with it however it ends.
+    crate::layers::private_mounts()?;
     let log = o.out_dir.join(format!("{}.build.log", plan.name));
     let _ = std::fs::remove_file(&log);
     progress::set_log_file(&log)?;
@@ -729,8 +744,12 @@ fn run_steps(
     work: &Path,
     steps: &mut Steps,
 ) -> Result<StepsOutcome> {
-    let cache = Cache::new(&o.cache_dir);
-    let tree = work.join("rootfs");
+    let cache = match o.layer_cache {
+        true => Cache::new(&o.cache_dir),
+        false => Cache::new(&o.cache_dir).with_private_layers(&work.join("private-cache")),
+    };
+    formats::manifest::remember_hashes_in(&cache.hash_memo_dir());
+    let epoch = plan.source_date_epoch;
     // `_in_use` keeps the cache entry from being pruned by another build
     // while this one reads it.
     let (base, bootstrap_key, _in_use) = steps.run("bootstrap", |s| {
@@ -739,44 +758,38 @@ fn run_steps(
             Hit::Hit => "cache hit",
             Hit::Miss => "cache miss",
         });
+        progress::detail(&format!("bootstrapped tree: {}", base.display()));
         Ok((base, key, lock))
     })?;
-    let chroot = steps.run("stages", |s| {
-        progress::activity("copying the bootstrapped tree");
-        fsutil::copy_tree(&base, &tree)?;
-        let chroot = Chroot::new(&tree)?.with_epoch(plan.source_date_epoch);
-        let stages: Vec<&crate::stage::Stage> = plan
-            .catalog
-            .stages
-            .iter()
-            .filter(|st| plan.stages.contains(&st.dir_name))
-            .collect();
-        let applied = osimage::apply_stages(&chroot, &stages)?;
-        crate::roles::apply_inputs(&tree, &plan.role_inputs)?;
-        let info = osimage::image_info(&plan.profile, &applied.stages, plan.source_date_epoch);
-        let catalog_dir = match &o.stages {
-            StageSource::Dir(d) => Some(d.as_path()),
-            StageSource::Embedded => None,
-        };
-        osimage::install_stemforge(
-            &tree,
-            &plan.agent_binary,
-            catalog_dir,
-            &verify::agent_files(),
-            &info,
-        )?;
-        if let Some((file, _)) = &plan.bosh_agent {
-            crate::boshagent::install(&chroot, file)?;
-        }
-        osimage::finalize(&chroot, applied.initramfs_dirty)?;
-        s.note(format!("{} stages", applied.stages.len()));
-        Ok(chroot)
+    let mnt = work.join("rootfs");
+    let (stack, _view) = steps.run("stages", |s| {
+        let stack = layers_of(o, plan, &cache, &base, &bootstrap_key, &mnt)?;
+        let view = stack.view(&work.join("scratch"))?;
+        let (made, found) = stack.counts();
+        s.note(format!(
+            "{} stages; layers: {made} made, {found} from the cache",
+            plan.stages.len()
+        ));
+        Ok((stack, view))
     })?;
+    let chroot = Chroot::new(&mnt)?.with_epoch(epoch);
+    let tree = mnt.clone();
     let raw_partial = work.join(format!("{}.raw", plan.name));
-    steps.run("disk", |s| {
-        let r = disk::assemble(&chroot, &plan.profile, &plan.disk, work, &raw_partial)?;
-        s.note(format!("kernel {}", r.kernel));
-        Ok(())
+    let disk_key = crate::reuse::key(
+        "disk",
+        &serde_json::json!({"tree": stack.key(), "plan": &plan.disk, "profile": &plan.profile}),
+    );
+    let (disk, _disk_in_use) = steps.run("disk", |s| {
+        let (meta, hit, lock) = crate::reuse::disk(&cache, &disk_key, &raw_partial, |raw| {
+            let r = disk::assemble(&chroot, &plan.profile, &plan.disk, work, raw)?;
+            Ok(r.kernel)
+        })?;
+        s.note(format!(
+            "kernel {}{}",
+            meta.kernel,
+            if hit == Hit::Hit { ", cache hit" } else { "" }
+        ));
+        Ok((meta, lock))
     })?;
     let offline = steps.run("scan", |s| {
         let target = Target::root(&tree)?;
@@ -815,25 +828,45 @@ fn run_steps(
         ));
         return Ok((Vec::new(), offline, Vec::new()));
     }
-    let (products, timings) = steps.run("formats", |s| {
-        let job = formats::Job {
-            name: &plan.name,
-            profile: &plan.profile,
-            version: &plan.version,
-            tree: &tree,
-            apt_lists: Some(&base.join("var/lib/apt/lists")),
-            disk: &raw_partial,
-            out_dir: &o.out_dir,
-            work,
-            wanted: &plan.formats.iter().copied().collect(),
-            epoch: plan.source_date_epoch,
-            input_hash: &plan.input_hash,
-            bosh_agent: plan.bosh_agent.as_ref().map(|(_, v)| v.as_str()),
-        };
-        let closure = Format::closure(&plan.formats);
-        let (products, timings) = formats::produce_all(&job, &closure)?;
-        s.note(format!("{} formats", closure.len()));
-        Ok((products, timings))
+    let closure = Format::closure(&plan.formats);
+    let formats_key = crate::reuse::key(
+        "formats",
+        &serde_json::json!({
+            "disk": &disk_key,
+            "formats": &closure,
+            "wanted": &plan.formats,
+            "name": &plan.name,
+            "version": &plan.version,
+            "epoch": epoch,
+            "input_hash": &plan.input_hash,
+            "bosh_agent": plan.bosh_agent.as_ref().map(|(_, v)| v),
+        }),
+    );
+    let (products, timings, _formats_in_use) = steps.run("formats", |s| {
+        let (products, timings, hit, lock) =
+            crate::reuse::formats(&cache, &formats_key, &o.out_dir, work, &raw_partial, || {
+                let job = formats::Job {
+                    name: &plan.name,
+                    profile: &plan.profile,
+                    version: &plan.version,
+                    tree: &tree,
+                    apt_lists: Some(&base.join("var/lib/apt/lists")),
+                    disk: &raw_partial,
+                    out_dir: &o.out_dir,
+                    work,
+                    wanted: &plan.formats.iter().copied().collect(),
+                    epoch,
+                    input_hash: &plan.input_hash,
+                    bosh_agent: plan.bosh_agent.as_ref().map(|(_, v)| v.as_str()),
+                };
+                formats::produce_all(&job, &closure)
+            })?;
+        s.note(format!(
+            "{} formats{}",
+            closure.len(),
+            if hit == Hit::Hit { ", cache hit" } else { "" }
+        ));
+        Ok((products, timings, lock))
     })?;
     for t in &timings {
         steps.record_sub(t.format.name(), t.seconds, &t.note);
@@ -846,8 +879,40 @@ fn run_steps(
     let verdicts = if o.verify {
         let boots = boots(&products, &plan.profile.boot);
         steps.run("verify", |s| {
+            let qemu = verify::qemu_version();
             let mut verdicts = Vec::new();
             for (image, boot_as, firmware, name) in boots {
+                let report_name = format!("{}{name}", plan.name);
+                let verdict_key = crate::reuse::key(
+                    "verdict",
+                    &serde_json::json!({
+                        "disk_sha256": &disk.sha256,
+                        "image": image.extension().map(|e| e.to_string_lossy().into_owned()),
+                        "boot_as": boot_as,
+                        "firmware": firmware,
+                        "name": &report_name,
+                        "qemu": &qemu,
+                    }),
+                );
+                if !o.reverify {
+                    if let Some(v) = crate::reuse::cached_verdict(
+                        &cache,
+                        &verdict_key,
+                        &disk.sha256,
+                        &o.out_dir,
+                        &report_name,
+                    )? {
+                        progress::info(&format!(
+                            "    {} as {:?} with {}: the disk is bit for bit the one verified before; verdict reused (--verify always boots it again)",
+                            image.display(),
+                            boot_as,
+                            firmware.name()
+                        ));
+                        s.note(format!("{:?}/{} passed, reused", boot_as, firmware.name()));
+                        verdicts.push(v);
+                        continue;
+                    }
+                }
                 progress::info(&format!(
                     "    booting {} as {:?} with {}",
                     image.display(),
@@ -857,7 +922,7 @@ fn run_steps(
                 let v = verify::verify(&VerifyOptions {
                     image,
                     out_dir: o.out_dir.clone(),
-                    name: format!("{}{name}", plan.name),
+                    name: report_name.clone(),
                     vm: verify::VmChoice {
                         firmware: o.firmware.clone(),
                         accel: o.accel,
@@ -868,6 +933,9 @@ fn run_steps(
                     boot_as,
                     firmware,
                 })?;
+                if v.passed {
+                    crate::reuse::keep_verdict(&cache, &verdict_key, &o.out_dir, &report_name)?;
+                }
                 s.note(format!(
                     "{:?}/{} {}{}",
                     boot_as,
@@ -882,7 +950,7 @@ fn run_steps(
             Ok(verdicts)
         })?
     } else {
-        steps.skip("verify", "--no-verify");
+        steps.skip("verify", "--verify never");
         Vec::new()
     };
     steps.run("manifest", |s| {
@@ -891,7 +959,84 @@ fn run_steps(
         progress::detail(&format!("manifest: {}", manifest.display()));
         Ok(())
     })?;
+    if o.keep_work {
+        progress::activity("copying the image tree for --keep-work");
+        fsutil::copy_tree(&tree, &work.join("tree"))?;
+    }
+    drop(stack);
     Ok((artifacts, offline, verdicts))
+}
+
+/// The image tree's layers: from the cache, or made (each on the ones
+/// beneath it) where an input changed.
+fn layers_of<'a>(
+    o: &BuildOptions,
+    plan: &Plan,
+    cache: &'a Cache,
+    base: &Path,
+    base_key: &str,
+    mnt: &Path,
+) -> Result<crate::layers::Stack<'a>> {
+    let epoch = plan.source_date_epoch;
+    let chroot_at = |root: &Path| -> Result<Chroot> { Ok(Chroot::new(root)?.with_epoch(epoch)) };
+    let mut stack = crate::layers::Stack::new(cache, base, base_key, mnt)?;
+    let stages: Vec<&crate::stage::Stage> = plan
+        .catalog
+        .stages
+        .iter()
+        .filter(|st| plan.stages.contains(&st.dir_name))
+        .collect();
+    let (missing, purge) = osimage::package_changes(base, &stages)?;
+    let inputs = serde_json::json!({"install": &missing, "purge": &purge, "epoch": epoch});
+    stack.push("packages", "packages", &inputs, |root| {
+        osimage::prepare(&chroot_at(root)?, &missing, &purge)?;
+        Ok(false)
+    })?;
+    for (i, st) in stages.iter().enumerate() {
+        let inputs = serde_json::json!({"position": i, "digest": &st.digest, "epoch": epoch});
+        stack.push("stage", &st.dir_name, &inputs, |root| {
+            osimage::apply_stage(&chroot_at(root)?, st)
+        })?;
+    }
+    let dirty = stack.layers.iter().any(|l| l.meta.initramfs_dirty);
+    let info = osimage::image_info(&plan.profile, &plan.stages, epoch);
+    let catalog_dir = match &o.stages {
+        StageSource::Dir(d) => Some(d.as_path()),
+        StageSource::Embedded => None,
+    };
+    let bosh_sha = match &plan.bosh_agent {
+        Some((f, _)) => Some(formats::manifest::sha256_file(f)?),
+        None => None,
+    };
+    let inputs = serde_json::json!({
+        "agent": formats::manifest::sha256_file(&plan.agent_binary)?,
+        "catalog": plan.catalog.stages.iter().map(|s| (&s.dir_name, &s.digest)).collect::<Vec<_>>(),
+        "agent_files": verify::agent_files(),
+        "role_inputs": &plan.role_inputs,
+        "bosh_agent": bosh_sha,
+        "info": &info,
+        "initramfs": dirty,
+        "disk": &plan.disk,
+        "profile": &plan.profile,
+    });
+    stack.push("image", "image", &inputs, |root| {
+        let chroot = chroot_at(root)?;
+        crate::roles::apply_inputs(root, &plan.role_inputs)?;
+        osimage::install_stemforge(
+            root,
+            &plan.agent_binary,
+            catalog_dir,
+            &verify::agent_files(),
+            &info,
+        )?;
+        if let Some((file, _)) = &plan.bosh_agent {
+            crate::boshagent::install(&chroot, file)?;
+        }
+        osimage::finalize(&chroot, dirty)?;
+        disk::configure_tree(root, &plan.profile, &plan.disk)?;
+        Ok(false)
+    })?;
+    Ok(stack)
 }
 
 /// What verify boots: the qcow2 on KVM's hardware (through Secure Boot
@@ -1039,6 +1184,8 @@ mod tests {
             formats: None,
             image_version: None,
             verify: true,
+            reverify: false,
+            layer_cache: true,
             dry_run: true,
             cache_dir: "/var/cache/stemforge".into(),
             keep_work: false,

@@ -423,6 +423,8 @@ pub fn check(o: &crate::pipeline::BuildOptions) -> Result<(crate::pipeline::Buil
     second_opts.out_dir = second_out.clone();
     second_opts.verify = false;
     second_opts.keep_work = true;
+    // Every layer, the disk and the formats made again, not found.
+    second_opts.layer_cache = false;
     second_opts.source_date_epoch = Some(plan.source_date_epoch);
     crate::progress::info("\nsecond build, to compare with the first");
     let result = (|| {

@@ -103,7 +103,7 @@ pub struct Firmware {
 }
 
 /// How the guest's firmware starts the image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum BootFirmware {
     /// OVMF (UEFI), no Secure Boot
@@ -487,6 +487,14 @@ fn probe_kvm(fw: &VmFirmware, def: &VmDef, scratch: &Path) -> std::result::Resul
     result
 }
 
+/// QEMU's version line (a cached verdict holds for one QEMU only).
+pub fn qemu_version() -> String {
+    exec::cmd(qemu_binary(), ["--version"])
+        .run_unchecked()
+        .map(|o| o.stdout_str().lines().next().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
 fn qemu_binary() -> &'static str {
     "qemu-system-x86_64"
 }
@@ -519,7 +527,7 @@ pub struct AgentReport {
 }
 
 /// The outcome of a verification.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Verdict {
     pub passed: bool,
     pub image: PathBuf,
@@ -540,10 +548,25 @@ pub struct Verdict {
     pub boot_as: BootAs,
     /// The login over SSH with the run's key, and the scan run through it.
     pub ssh_login: Option<SshLogin>,
+    /// Set when the build reused this verdict (`--verify auto`): the disk
+    /// was bit for bit the one booted then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused: Option<Reused>,
+}
+
+/// Where a reused verdict came from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reused {
+    /// The verdict's cache key.
+    pub key: String,
+    /// The SHA-256 of the raw disk the boot proved.
+    pub disk_sha256: String,
+    /// When that boot ran (seconds since the epoch).
+    pub verified_at: i64,
 }
 
 /// What the host did over SSH, logged in with the run's own key.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SshLogin {
     pub user: String,
     pub command: String,
@@ -581,7 +604,7 @@ pub struct VmChoice {
 
 /// The virtual hardware of a verification boot: each cloud's disk bus and
 /// NIC, so the boot proves the image's drivers for it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BootAs {
     /// KVM/OpenStack: virtio disk and NIC
@@ -773,6 +796,7 @@ pub fn verify(o: &VerifyOptions) -> Result<Verdict> {
         agent: None,
         boot_as: o.boot_as,
         ssh_login: None,
+        reused: None,
     };
     let mut watch = ConsoleWatch::new(&[&console_partial, &m.firmware_log()]);
     let outcome = converse(&vm, &sock, &m, t0, boot_limit, &mut watch, &mut verdict);
@@ -1876,6 +1900,7 @@ mod tests {
                 passed: true,
                 error: None,
             }),
+            reused: None,
         };
         judge(&mut v);
         assert!(v.passed, "{:?}", v.problems);

@@ -39,7 +39,7 @@ fn role_build(profile: &str) -> (PathBuf, Value, PathBuf) {
         &std::fs::read_to_string(out.join(format!("{profile}.verify.json"))).expect(&t),
     )
     .unwrap();
-    let tree = out.join(format!(".work/{profile}/rootfs"));
+    let tree = out.join(format!(".work/{profile}/tree"));
     assert!(tree.join("etc/os-release").exists(), "{t}");
     (out, verdict, tree)
 }

@@ -86,26 +86,138 @@ pub fn host_tools() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// SHA-256 of a file, streamed (a sparse disk reads its holes as zeros).
+/// SHA-256 of a file: from the hash memo when the file is unchanged since
+/// it was hashed (see [`remember_hashes_in`]), else streamed.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    digest_file::<Sha256>(path)
+    if let Some(h) = memo::get(path) {
+        return Ok(h);
+    }
+    let h = digest_file::<Sha256>(path)?;
+    memo::put(path, &h);
+    Ok(h)
 }
 
-/// A digest of a file's contents, lowercase hex, read 1 MiB at a time.
+/// Keep the hashes of the files hashed from now on in `dir`, each under
+/// its file's device and inode with its size and modification time: a
+/// file written in any way is hashed again. (Not the change time: linking
+/// a cached file into the output directory changes that.) Outputs that
+/// are hard links of cache entries are then hashed once, not at every
+/// build.
+pub fn remember_hashes_in(dir: &Path) {
+    memo::set_dir(dir);
+}
+
+mod memo {
+    use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+    pub fn set_dir(dir: &Path) {
+        *DIR.lock().unwrap_or_else(|e| e.into_inner()) = Some(dir.to_path_buf());
+    }
+
+    /// The memo file of `path`, and the stamp its hash is valid for.
+    fn slot(path: &Path) -> Option<(PathBuf, String)> {
+        let dir = DIR.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let md = path.metadata().ok()?;
+        if !md.is_file() {
+            return None;
+        }
+        let stamp = format!("{} {}.{}", md.len(), md.mtime(), md.mtime_nsec());
+        Some((dir.join(format!("{}-{}", md.dev(), md.ino())), stamp))
+    }
+
+    pub fn get(path: &Path) -> Option<String> {
+        let (file, stamp) = slot(path)?;
+        let text = std::fs::read_to_string(file).ok()?;
+        let (s, h) = text.trim_end().rsplit_once(' ')?;
+        (s == stamp && h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| h.to_string())
+    }
+
+    /// Best effort: a memo that cannot be written only costs a rehash.
+    pub fn put(path: &Path, hash: &str) {
+        if let Some((file, stamp)) = slot(path) {
+            if let Some(d) = file.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            let _ = crate::fsutil::write_atomic(&file, format!("{stamp} {hash}\n").as_bytes());
+        }
+    }
+}
+
+/// A digest of a file's contents, lowercase hex. Data is read 1 MiB at a
+/// time; holes (a sparse disk is mostly holes) are not read at all but
+/// hashed as the zeros they are, which halves the time for a disk image.
 pub fn digest_file<D: Digest>(path: &Path) -> Result<String> {
-    let mut f = crate::interrupt::Reader(
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
-    );
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let len = file
+        .metadata()
+        .with_context(|| format!("stat {}", path.display()))?
+        .len();
+    let fd = file.as_raw_fd();
+    let mut f = crate::interrupt::Reader(file);
     let mut h = D::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("reading {}", path.display()))?;
-        if n == 0 {
+    let zeros = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    let zero_run = |h: &mut D, n: u64| -> Result<()> {
+        let mut left = n;
+        while left > 0 {
+            crate::interrupt::check()?;
+            let k = left.min(zeros.len() as u64) as usize;
+            h.update(&zeros[..k]);
+            left -= k as u64;
+        }
+        Ok(())
+    };
+    while pos < len {
+        // SAFETY: lseek on an open descriptor we own.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        let data = if data < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // Only a hole remains.
+                Some(libc::ENXIO) => len,
+                // No hole support: read everything.
+                Some(libc::EINVAL) => pos,
+                _ => return Err(e).with_context(|| format!("SEEK_DATA in {}", path.display())),
+            }
+        } else {
+            (data as u64).min(len)
+        };
+        zero_run(&mut h, data - pos)?;
+        pos = data;
+        if pos >= len {
             break;
         }
-        h.update(&buf[..n]);
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_HOLE) };
+        let end = if hole < 0 {
+            len
+        } else {
+            (hole as u64).min(len)
+        };
+        // SAFETY: as above.
+        if unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_SET) } < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("seeking in {}", path.display()));
+        }
+        while pos < end {
+            let want = ((end - pos) as usize).min(buf.len());
+            let n = f
+                .read(&mut buf[..want])
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                // The file shrank while being read.
+                anyhow::bail!("{} changed while being hashed", path.display());
+            }
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
     }
     Ok(hex::encode(h.finalize()))
 }

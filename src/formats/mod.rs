@@ -24,7 +24,9 @@ use std::time::Instant;
 
 /// One kind of output. `--format` takes these names (comma-separated), and
 /// the group names `stemcells` (the three BOSH stemcells) and `all`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Format {
     /// The GPT disk image itself (sparse)
@@ -129,7 +131,7 @@ impl Format {
 }
 
 /// An output file and its size.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Artifact {
     pub format: Format,
     pub path: PathBuf,
@@ -242,7 +244,7 @@ pub fn producer(f: Format) -> &'static dyn Producer {
 }
 
 /// One producer's run, for the step summary.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Timing {
     pub format: Format,
     pub seconds: f64,

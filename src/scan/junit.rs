@@ -25,12 +25,16 @@ fn body(c: &ControlResult) -> String {
 }
 
 fn testcase(w: &mut W, c: &ControlResult, stage: &str) -> Res {
-    let classname = format!("stemforge.{stage}");
+    testcase_in(w, c, &format!("stemforge.{stage}"))
+}
+
+/// A control's `testcase` under `classname`.
+pub(crate) fn testcase_in(w: &mut W, c: &ControlResult, classname: &str) -> Res {
     let title = format!("{}: {}", c.id, c.title);
     let el = w
         .create_element("testcase")
         .with_attribute(("name", title.as_str()))
-        .with_attribute(("classname", classname.as_str()))
+        .with_attribute(("classname", classname))
         .with_attribute(("time", "0"));
     let first = c.evidence.first().cloned().unwrap_or_default();
     match c.status {

@@ -115,7 +115,7 @@ pub fn shared_build() -> &'static SharedBuild {
         assert!(o.status.success(), "shared build failed:\n{}", text(&o));
         SharedBuild {
             raw: out.join("debian-bookworm.raw"),
-            tree: out.join(".work/debian-bookworm/rootfs"),
+            tree: out.join(".work/debian-bookworm/tree"),
             log: text(&o),
             out,
         }
@@ -133,14 +133,9 @@ pub fn stock_tree() -> PathBuf {
             let log = std::fs::read_to_string(b.out.join("debian-bookworm.build.log")).unwrap();
             let line = log
                 .lines()
-                .find(|l| l.starts_with("$ cp -a --reflink=auto -- "))
-                .expect("the build log records the copy of the bootstrapped tree");
-            let cached = PathBuf::from(
-                line.trim_start_matches("$ cp -a --reflink=auto -- ")
-                    .split(' ')
-                    .next()
-                    .unwrap(),
-            );
+                .find(|l| l.starts_with("bootstrapped tree: "))
+                .expect("the build log names the bootstrapped tree");
+            let cached = PathBuf::from(line.trim_start_matches("bootstrapped tree: "));
             let spec: serde_json::Value = serde_json::from_str(
                 &std::fs::read_to_string(cached.parent().unwrap().join("spec.json")).unwrap(),
             )
