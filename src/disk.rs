@@ -1012,7 +1012,7 @@ pub fn write_gpt_disk(
     plan: &DiskPlan,
     images: &[(u32, PathBuf)],
     bios: Option<&BiosImages>,
-) -> Result<()> {
+) -> Result<String> {
     use gpt::disk::LogicalBlockSize;
     use gpt::partition_types::{OperatingSystem, Type};
     let mut f = File::options()
@@ -1076,30 +1076,106 @@ pub fn write_gpt_disk(
     let f = disk
         .write()
         .with_context(|| format!("writing the GPT to {}", out.display()))?;
-    for (n, img) in images {
-        let p = plan
-            .partitions
-            .iter()
-            .find(|p| p.number == *n)
-            .expect("an image per planned partition");
-        let src = File::open(img).with_context(|| format!("opening {}", img.display()))?;
-        fsutil::copy_sparse_into(&src, &f, p.offset())
-            .with_context(|| format!("copying {} into {}", img.display(), out.display()))?;
-    }
+    // GRUB for BIOS first: it writes into the MBR, and everything before
+    // the first partition must be final before the hashing starts.
     match (&plan.bios_boot, bios) {
         (Some(b), Some(img)) => install_bios_boot(&f, b, img)?,
         (None, None) => {}
         _ => bail!("the plan's BIOS boot partition and GRUB's BIOS images must come together"),
     }
-    f.sync_all()
-        .with_context(|| format!("syncing {}", out.display()))?;
-    Ok(())
+    // The partitions in disk order; the hashing follows behind on a
+    // thread of its own, each region once it is final.
+    let mut order: Vec<(&PlannedPartition, &PathBuf)> = images
+        .iter()
+        .map(|(n, img)| {
+            let p = plan
+                .partitions
+                .iter()
+                .find(|p| p.number == *n)
+                .expect("an image per planned partition");
+            (p, img)
+        })
+        .collect();
+    order.sort_by_key(|(p, _)| p.first_lba);
+    let final_up_to = std::sync::Mutex::new(order.first().map_or(plan.size, |(p, _)| p.offset()));
+    let moved = std::sync::Condvar::new();
+    let reader = File::open(out).with_context(|| format!("opening {}", out.display()))?;
+    let sha256 = std::thread::scope(|s| -> Result<String> {
+        let hasher = s.spawn(|| -> Result<String> {
+            let mut h = crate::formats::manifest::StreamHasher::<sha2::Sha256>::new(reader, out);
+            let mut done = 0u64;
+            while done < plan.size {
+                let mut upto = final_up_to.lock().unwrap_or_else(|e| e.into_inner());
+                while *upto <= done {
+                    upto = moved.wait(upto).unwrap_or_else(|e| e.into_inner());
+                }
+                let target = *upto;
+                drop(upto);
+                if target == u64::MAX {
+                    anyhow::bail!("the disk was not finished");
+                }
+                h.advance(target)?;
+                done = target;
+            }
+            Ok(h.finish())
+        });
+        let copied = (|| -> Result<()> {
+            let hand_over = |upto: u64| {
+                *final_up_to.lock().unwrap_or_else(|e| e.into_inner()) = upto;
+                moved.notify_all();
+            };
+            // In slices, so the hashing follows close behind.
+            const SLICE: u64 = 64 << 20;
+            for (i, (p, img)) in order.iter().enumerate() {
+                let src = File::open(img).with_context(|| format!("opening {}", img.display()))?;
+                let len = src
+                    .metadata()
+                    .with_context(|| format!("stat {}", img.display()))?
+                    .len();
+                let mut at = 0;
+                while at < len {
+                    let to = (at + SLICE).min(len);
+                    fsutil::copy_sparse_range(&src, &f, p.offset(), at, to).with_context(|| {
+                        format!("copying {} into {}", img.display(), out.display())
+                    })?;
+                    hand_over(p.offset() + to);
+                    at = to;
+                }
+                hand_over(order.get(i + 1).map_or(plan.size, |(q, _)| q.offset()));
+            }
+            Ok(())
+        })();
+        if copied.is_err() {
+            // The hashing stops rather than wait for regions never made.
+            *final_up_to.lock().unwrap_or_else(|e| e.into_inner()) = u64::MAX;
+            moved.notify_all();
+        }
+        let hashed = hasher
+            .join()
+            .map_err(|_| anyhow::anyhow!("hashing the disk panicked"))?;
+        copied?;
+        hashed
+    })?;
+    // Start writing it out now, without waiting: whoever keeps the disk
+    // (the cache) syncs before marking it complete.
+    // SAFETY: an open descriptor; the whole file.
+    unsafe {
+        libc::sync_file_range(
+            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+            0,
+            0,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    Ok(sha256)
 }
 
 /// What the disk phase made.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskReport {
     pub kernel: String,
+    /// SHA-256 of the disk image.
+    pub sha256: String,
     pub partitions: Vec<(String, u64)>,
 }
 
@@ -1139,17 +1215,32 @@ pub fn assemble(
     fsutil::remove_tree(&stage_dir)?;
     std::fs::create_dir_all(&stage_dir)
         .with_context(|| format!("creating {}", stage_dir.display()))?;
+    // The partition images are made in memory (a tmpfs in the build's
+    // mount namespace): mke2fs's flush and the copy into the disk then
+    // cost no disk writes; only the disk itself is written. They are
+    // sparse, so the memory they take is their data.
+    let images_dir = work.join("images");
+    std::fs::create_dir_all(&images_dir)
+        .with_context(|| format!("creating {}", images_dir.display()))?;
+    let _in_memory = crate::layers::Mount::new(
+        "stemforge-images",
+        &images_dir,
+        "tmpfs",
+        libc::MS_NODEV | libc::MS_NOSUID | libc::MS_NOEXEC,
+        &format!("mode=0700,size={}", plan.size),
+    )?;
     let images = {
         let sources = separate(&tree, &stage_dir, plan)?;
-        make_filesystems(&tree, plan, &sources.carved, work, &boot.esp)?
+        make_filesystems(&tree, plan, &sources.carved, &images_dir, &boot.esp)?
     };
-    progress::activity("writing the GPT disk");
-    write_gpt_disk(out, plan, &images, boot.bios.as_ref())?;
+    progress::activity("writing the GPT disk (and hashing it)");
+    let sha256 = write_gpt_disk(out, plan, &images, boot.bios.as_ref())?;
     for (_, img) in &images {
         let _ = std::fs::remove_file(img);
     }
     Ok(DiskReport {
         kernel,
+        sha256,
         partitions: plan
             .partitions
             .iter()
@@ -1507,6 +1598,43 @@ mod tests {
         let listing = cmd("fsck.fat", ["-n", "-l"]).arg(&img).read().unwrap();
         assert!(listing.contains("/EFI/BOOT/BOOTX64.EFI"), "{listing}");
         assert!(listing.contains("/VENDOR/NOTE.TXT"), "{listing}");
+    }
+
+    #[test]
+    fn the_disk_is_hashed_as_it_is_written() {
+        let d = tempfile::tempdir().unwrap();
+        let plan = plan(&profile(), "seed", 1_700_000_000);
+        let images: Vec<(u32, PathBuf)> = plan
+            .partitions
+            .iter()
+            .map(|p| {
+                let img = d.path().join(format!("p{}", p.number));
+                let f = File::create(&img).unwrap();
+                f.set_len(3 << 20).unwrap();
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(format!("partition {}", p.number).as_bytes(), 1 << 20)
+                    .unwrap();
+                (p.number, img)
+            })
+            .collect();
+        let out = d.path().join("disk.raw");
+        let bios = plan.bios_boot.as_ref().map(|_| BiosImages {
+            boot: vec![0x11; SECTOR as usize],
+            core: vec![0x22; 4 * SECTOR as usize],
+        });
+        let got = write_gpt_disk(&out, &plan, &images, bios.as_ref()).unwrap();
+        assert_eq!(
+            got,
+            crate::formats::manifest::digest_file::<sha2::Sha256>(&out).unwrap()
+        );
+        use std::os::unix::fs::FileExt;
+        let root = plan.partitions.iter().find(|p| p.number == 2).unwrap();
+        let mut window = [0u8; 11];
+        File::open(&out)
+            .unwrap()
+            .read_exact_at(&mut window, root.offset() + (1 << 20))
+            .unwrap();
+        assert_eq!(&window, b"partition 2", "the partitions were copied in");
     }
 
     #[test]

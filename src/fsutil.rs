@@ -142,11 +142,16 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
 /// the number of bytes in data regions copied.
 pub fn copy_sparse_into(src: &File, dst: &File, offset: u64) -> Result<u64> {
     let len = src.metadata().context("stat of partition image")?.len();
+    copy_sparse_range(src, dst, offset, 0, len)
+}
+
+/// [`copy_sparse_into`] for the bytes `start..end` of `src` only.
+pub fn copy_sparse_range(src: &File, dst: &File, offset: u64, start: u64, end: u64) -> Result<u64> {
     let fd = src.as_raw_fd();
-    let mut pos: u64 = 0;
+    let mut pos: u64 = start;
     let mut copied = 0u64;
-    let mut buf = vec![0u8; 4 << 20];
-    while pos < len {
+    let mut buf = Vec::new();
+    while pos < end {
         // SAFETY: plain syscalls on an owned, open descriptor.
         let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
         if data < 0 {
@@ -157,11 +162,17 @@ pub fn copy_sparse_into(src: &File, dst: &File, offset: u64) -> Result<u64> {
             return Err(err).context("SEEK_DATA on partition image");
         }
         let data = data as u64;
+        if data >= end {
+            break;
+        }
         let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
         if hole < 0 {
             return Err(std::io::Error::last_os_error()).context("SEEK_HOLE on partition image");
         }
-        let hole = (hole as u64).min(len);
+        let hole = (hole as u64).min(end);
+        if buf.is_empty() {
+            buf = vec![0u8; 4 << 20];
+        }
         copy_range(src, dst, data, offset + data, hole - data, &mut buf)?;
         copied += hole - data;
         pos = hole;

@@ -782,7 +782,7 @@ fn run_steps(
     let (disk, _disk_in_use) = steps.run("disk", |s| {
         let (meta, hit, lock) = crate::reuse::disk(&cache, &disk_key, &raw_partial, |raw| {
             let r = disk::assemble(&chroot, &plan.profile, &plan.disk, work, raw)?;
-            Ok(r.kernel)
+            Ok((r.kernel, r.sha256))
         })?;
         s.note(format!(
             "kernel {}{}",

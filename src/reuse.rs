@@ -102,13 +102,14 @@ pub struct DiskMeta {
 }
 
 /// The raw disk of `key`: from the cache, or made by `make` (it writes
-/// the disk at the path it is given and returns the kernel version).
+/// the disk at the path it is given and returns the kernel version and
+/// the disk's SHA-256).
 /// The disk is then hard-linked at `at`.
 pub fn disk(
     cache: &Cache,
     key: &str,
     at: &Path,
-    make: impl FnOnce(&Path) -> Result<String>,
+    make: impl FnOnce(&Path) -> Result<(String, String)>,
 ) -> Result<(DiskMeta, Hit, Lock)> {
     let mut make = Some(make);
     let (dir, hit, lock) = get_checked(
@@ -117,9 +118,8 @@ pub fn disk(
         key,
         &mut |d| {
             let raw = d.join("disk.raw");
-            let kernel = (make.take().context("the disk was made already")?)(&raw)?;
-            crate::progress::activity("hashing the disk");
-            let sha256 = crate::formats::manifest::sha256_file(&raw)?;
+            let (kernel, sha256) = (make.take().context("the disk was made already")?)(&raw)?;
+            crate::formats::manifest::remember_sha256(&raw, &sha256);
             let meta = DiskMeta {
                 kernel,
                 sha256,

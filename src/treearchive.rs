@@ -133,7 +133,9 @@ pub fn read<R: Read>(r: R, dest: &Path) -> Result<()> {
     a.set_preserve_permissions(true);
     a.set_preserve_ownerships(true);
     a.set_preserve_mtime(true);
-    a.set_unpack_xattrs(true);
+    // Set below for every kind (the tar crate sets them on files only,
+    // and overlayfs keeps its marks on directories).
+    a.set_unpack_xattrs(false);
     a.set_overwrite(false);
     // Directory times last: unpacking their contents changes them.
     let mut dir_times: Vec<(PathBuf, i64)> = Vec::new();
@@ -146,6 +148,18 @@ pub fn read<R: Read>(r: R, dest: &Path) -> Result<()> {
         }
         let kind = e.header().entry_type();
         let path = dest.join(&rel);
+        let mut attrs: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(exts) = e.pax_extensions()? {
+            for ext in exts {
+                let ext = ext?;
+                if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
+                    attrs.push((
+                        String::from_utf8_lossy(name).into_owned(),
+                        ext.value_bytes().to_vec(),
+                    ));
+                }
+            }
+        }
         let mtime = e.header().mtime().unwrap_or(0) as i64;
         if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
             let h = e.header();
@@ -178,6 +192,13 @@ pub fn read<R: Read>(r: R, dest: &Path) -> Result<()> {
         }
         if !e.unpack_in(dest)? {
             bail!("{} would land outside {}", rel.display(), dest.display());
+        }
+        if !kind.is_symlink() {
+            for (name, value) in &attrs {
+                rustix::fs::lsetxattr(&path, name.as_str(), value, rustix::fs::XattrFlags::empty())
+                    .map_err(std::io::Error::from)
+                    .with_context(|| format!("setting {name} on {}", path.display()))?;
+            }
         }
         if kind.is_dir() {
             dir_times.push((path, mtime));
@@ -228,6 +249,17 @@ mod tests {
         )
         .unwrap();
         set_mtime(&src.join("etc/deep"), 1_000_000).unwrap();
+        // Extended attributes on a directory and a file (user.*: no root
+        // needed; overlayfs's trusted.* marks take the same path).
+        let xattrs_here = ["etc/deep", "etc/a"].iter().all(|p| {
+            rustix::fs::lsetxattr(
+                src.join(p),
+                "user.stemforge",
+                p.as_bytes(),
+                rustix::fs::XattrFlags::empty(),
+            )
+            .is_ok()
+        });
         let mut buf = Vec::new();
         write(&src, &mut buf).unwrap();
         let dst = d.path().join("dst");
@@ -249,6 +281,15 @@ mod tests {
             100_000
         );
         assert_eq!(md(&dst.join("etc/deep")).mtime(), 1_000_000);
+        if xattrs_here {
+            for p in ["etc/deep", "etc/a"] {
+                let got = xattrs(&dst.join(p)).unwrap();
+                assert!(
+                    got.contains(&("user.stemforge".to_string(), p.as_bytes().to_vec())),
+                    "{p}: {got:?}"
+                );
+            }
+        }
     }
 
     #[test]

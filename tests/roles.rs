@@ -25,6 +25,9 @@ fn role_build(profile: &str) -> (PathBuf, Value, PathBuf) {
         "--format",
         "raw",
         "--keep-work",
+        // Boots whether or not a verdict for this disk is cached.
+        "--verify",
+        "always",
         "--json",
         "--out",
         out.to_str().unwrap(),

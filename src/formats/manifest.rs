@@ -107,6 +107,12 @@ pub fn remember_hashes_in(dir: &Path) {
     memo::set_dir(dir);
 }
 
+/// Remember `hash` as the SHA-256 of `path` as it is now (one computed
+/// while the file was written).
+pub fn remember_sha256(path: &Path, hash: &str) {
+    memo::put(path, hash);
+}
+
 mod memo {
     use std::os::unix::fs::MetadataExt;
     use std::path::{Path, PathBuf};
@@ -152,74 +158,115 @@ mod memo {
 /// time; holes (a sparse disk is mostly holes) are not read at all but
 /// hashed as the zeros they are, which halves the time for a disk image.
 pub fn digest_file<D: Digest>(path: &Path) -> Result<String> {
-    use std::os::unix::io::AsRawFd;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file
         .metadata()
         .with_context(|| format!("stat {}", path.display()))?
         .len();
-    let fd = file.as_raw_fd();
-    let mut f = crate::interrupt::Reader(file);
-    let mut h = D::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let zeros = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    let zero_run = |h: &mut D, n: u64| -> Result<()> {
-        let mut left = n;
-        while left > 0 {
-            crate::interrupt::check()?;
-            let k = left.min(zeros.len() as u64) as usize;
-            h.update(&zeros[..k]);
-            left -= k as u64;
-        }
-        Ok(())
-    };
-    while pos < len {
-        // SAFETY: lseek on an open descriptor we own.
-        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
-        let data = if data < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.raw_os_error() {
-                // Only a hole remains.
-                Some(libc::ENXIO) => len,
-                // No hole support: read everything.
-                Some(libc::EINVAL) => pos,
-                _ => return Err(e).with_context(|| format!("SEEK_DATA in {}", path.display())),
-            }
-        } else {
-            (data as u64).min(len)
-        };
-        zero_run(&mut h, data - pos)?;
-        pos = data;
-        if pos >= len {
-            break;
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_HOLE) };
-        let end = if hole < 0 {
-            len
-        } else {
-            (hole as u64).min(len)
-        };
-        // SAFETY: as above.
-        if unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_SET) } < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("seeking in {}", path.display()));
-        }
-        while pos < end {
-            let want = ((end - pos) as usize).min(buf.len());
-            let n = f
-                .read(&mut buf[..want])
-                .with_context(|| format!("reading {}", path.display()))?;
-            if n == 0 {
-                // The file shrank while being read.
-                anyhow::bail!("{} changed while being hashed", path.display());
-            }
-            h.update(&buf[..n]);
-            pos += n as u64;
+    let mut h = StreamHasher::<D>::new(file, path);
+    h.advance(len)?;
+    Ok(h.finish())
+}
+
+/// A digest of a file read front to back as it becomes final: `advance`
+/// hashes up to an offset, so a writer can hand over each region it has
+/// finished while it writes the next (the disk step hashes the disk as it
+/// copies the partitions in).
+pub struct StreamHasher<D: Digest> {
+    file: crate::interrupt::Reader<std::fs::File>,
+    fd: std::os::unix::io::RawFd,
+    path: PathBuf,
+    pos: u64,
+    h: D,
+    buf: Vec<u8>,
+}
+
+impl<D: Digest> StreamHasher<D> {
+    pub fn new(file: std::fs::File, path: &Path) -> StreamHasher<D> {
+        use std::os::unix::io::AsRawFd;
+        StreamHasher {
+            fd: file.as_raw_fd(),
+            file: crate::interrupt::Reader(file),
+            path: path.to_path_buf(),
+            pos: 0,
+            h: D::new(),
+            buf: vec![0u8; 1 << 20],
         }
     }
-    Ok(hex::encode(h.finalize()))
+
+    fn zeros(&mut self, n: u64) -> Result<()> {
+        static ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
+        let mut left = n;
+        let mut since_check = 0u64;
+        while left > 0 {
+            if since_check >= 1 << 28 {
+                crate::interrupt::check()?;
+                since_check = 0;
+            }
+            let k = left.min(ZEROS.len() as u64) as usize;
+            self.h.update(&ZEROS[..k]);
+            left -= k as u64;
+            since_check += k as u64;
+        }
+        Ok(())
+    }
+
+    /// Hash the file from where the last call stopped up to `end`.
+    pub fn advance(&mut self, end: u64) -> Result<()> {
+        let path = self.path.clone();
+        while self.pos < end {
+            // SAFETY: lseek on an open descriptor we own.
+            let data = unsafe { libc::lseek(self.fd, self.pos as libc::off_t, libc::SEEK_DATA) };
+            let data = if data < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // Only a hole remains.
+                    Some(libc::ENXIO) => end,
+                    // No hole support: read everything.
+                    Some(libc::EINVAL) => self.pos,
+                    _ => {
+                        return Err(e).with_context(|| format!("SEEK_DATA in {}", path.display()));
+                    }
+                }
+            } else {
+                (data as u64).min(end)
+            };
+            self.zeros(data - self.pos)?;
+            self.pos = data;
+            if self.pos >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(self.fd, self.pos as libc::off_t, libc::SEEK_HOLE) };
+            let stop = if hole < 0 {
+                end
+            } else {
+                (hole as u64).min(end)
+            };
+            // SAFETY: as above.
+            if unsafe { libc::lseek(self.fd, self.pos as libc::off_t, libc::SEEK_SET) } < 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("seeking in {}", path.display()));
+            }
+            while self.pos < stop {
+                let want = ((stop - self.pos) as usize).min(self.buf.len());
+                let n = self
+                    .file
+                    .read(&mut self.buf[..want])
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if n == 0 {
+                    anyhow::bail!("{} changed while being hashed", path.display());
+                }
+                self.h.update(&self.buf[..n]);
+                self.pos += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> String {
+        hex::encode(self.h.finalize())
+    }
 }
 
 /// Hash `files` on every core, keeping their order.
