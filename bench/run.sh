@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # stemforge benchmark: times every phase of a cold build (empty cache, no
-# verify), a warm build of every output (its peak memory too), the scan of
+# verify), a warm build of every output (its peak memory too), the layer
+# cache (a no-op rebuild, an edit of the last stage, a package added to a
+# stage's list), the scan of
 # a root tree and the verification boot (median of VERIFY_RUNS, default 3),
 # and prints the output sizes, each against its budget.
 #   bench/run.sh [PROFILE]      (as root; `make bench` builds the binary first)
@@ -26,6 +28,23 @@ subprocess.run([bin, "build", "--profile", profile, "--out", f"{out}/warm",
                 "--no-verify", "--format", "all"], check=True, stdout=sys.stderr)
 print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 PY
+echo "== layer cache: a no-op rebuild, an edit of the last stage, a package added (raw, no verify)"
+stages="$out/stages"
+cp -r stages "$stages"
+timed() {  # NAME: a build of the copied stages; wall time and layer counts kept
+  local t0 t1
+  t0=$(date +%s%N)
+  "$bin" build --profile "$profile" --stages "$stages" --out "$out/edit" --verify never --format raw
+  t1=$(date +%s%N)
+  echo $(( (t1 - t0) / 1000000 )) > "$out/$1.ms"
+  cp "$out/edit/$profile.steps.json" "$out/$1.steps.json"
+}
+timed first
+timed noop
+echo "# bench: an edit" >> "$stages/90-system/files/umask.sh"
+timed edit
+sed -i 's/install: \[cron, libpam-pwquality\]/install: [cron, libpam-pwquality, acl]/' "$stages/80-accounts/stage.yml"
+timed package
 echo "== scan of the hardened root tree (5 runs)"
 tree="$out/cold/.work/$profile/tree"
 scan_ms=()
@@ -104,6 +123,22 @@ rows = [
     (f"  boot to agent (median of {runs})", statistics.median(boots), 60),
     (f"  live scan in the guest (median)", statistics.median(live_scans), 10),
 ]
+def layers_note(name):
+    import re
+    j = json.load(open(f"{out}/{name}.steps.json"))
+    note = next((s["note"] for s in j["steps"] if s["name"] == "stages"), "")
+    m = re.search(r"layers: (\d+) made, (\d+) from the cache", note)
+    return f"layers: {m[1]} made, {m[2]} found" if m else note
+for name, label, budget in [
+    ("noop", "no-op rebuild (raw)", 3),
+    ("edit", "edit of a last-stage file -> raw", 8),
+    ("package", "a package added to 80-accounts", None),
+]:
+    secs = int(open(f"{out}/{name}.ms").read()) / 1000
+    rows.append((label, secs, budget))
+    j = json.load(open(f"{out}/{name}.steps.json"))
+    stages_s = next((s["seconds"] for s in j["steps"] if s["name"] == "stages"), 0)
+    rows.append((f"  {layers_note(name)}", stages_s, None))
 print(f"\n{'phase':<34} {'seconds':>8}  budget")
 for name, secs, budget in rows:
     mark = "" if budget is None else (f"<= {budget} s  " + ("ok" if secs <= budget else "OVER"))

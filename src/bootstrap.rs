@@ -1,6 +1,6 @@
 //! Bootstrap: a minimal root tree from the distribution's archive with
-//! mmdebstrap (minbase + every package the profile and its stages need, in
-//! one apt run), cached by content: the key covers the inputs and the
+//! mmdebstrap (minbase + the profile's packages, in one apt run; each
+//! stage's layer installs the stage's own), cached by content: the key covers the inputs and the
 //! archive's signed Release files, so a cached tree is reused exactly
 //! until the archive changes.
 

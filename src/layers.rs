@@ -1,6 +1,6 @@
 //! The image tree as a stack of cached layers, as container builders keep
-//! theirs: the bootstrapped tree at the bottom, then the package layer,
-//! one layer per stage, and the image layer (stemforge itself, the role
+//! theirs: the bootstrapped tree at the bottom, then one layer per stage
+//! (its packages, then its actions), and the image layer (stemforge itself, the role
 //! inputs, the clean-up, the boot configuration). Each layer is an
 //! overlayfs upper directory kept in the cache under a key made of its
 //! parent's key and everything that decides its contents, so an edit
@@ -167,7 +167,7 @@ impl Drop for Mount {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerMeta {
     pub format: u32,
-    /// `packages`, `stage` or `image`.
+    /// `stage` or `image`.
     pub kind: String,
     /// The stage's directory name, or the kind.
     pub name: String,

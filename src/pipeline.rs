@@ -192,18 +192,11 @@ pub fn plan(o: &BuildOptions) -> Result<Plan> {
         .map(|s| (s.dir_name.clone(), s.when.describe()))
         .collect();
     let controls = applicable.iter().map(|s| s.controls.len()).sum();
-    // The bootstrap carries the base stages' packages, so every role of
-    // an OS shares one cached bootstrap; a role's own packages install
-    // in the chroot when its stage runs.
-    let stage_packages: Vec<String> = applicable
-        .iter()
-        .filter(|s| s.when.roles.is_empty())
-        .flat_map(|s| {
-            s.packages
-                .install_for(&profile.os.distro, &profile.os.codename)
-        })
-        .collect();
-    let packages = profile.package_set(&stage_packages);
+    // The bootstrap carries the profile's packages only: each stage's
+    // layer installs its own, so editing a stage's package list reruns
+    // that stage's layer and the ones above it, nothing beneath; every
+    // role of an OS shares one bootstrap.
+    let packages = profile.package_set(&[]);
     let mirrors = mirror_overrides(o, &profile)?;
     let spec = BootstrapSpec::new(
         &profile,
@@ -327,7 +320,7 @@ impl Plan {
             s.push_str(&format!("  {}\n", src.deb_line(&b.keyring)));
         }
         s.push_str(&format!(
-            "kernel      {}\npackages    {} in one apt run:\n",
+            "kernel      {}\npackages    {} in the bootstrap's one apt run:\n",
             p.kernel,
             b.packages.len()
         ));
@@ -342,18 +335,26 @@ impl Plan {
             self.stages.len(),
             self.controls
         ));
-        let role_pkgs: Vec<String> = self
+        for st in self
             .catalog
             .stages
             .iter()
-            .filter(|st| self.stages.contains(&st.dir_name) && !st.when.roles.is_empty())
-            .flat_map(|st| st.packages.install_for(&p.os.distro, &p.os.codename))
-            .collect();
-        if !role_pkgs.is_empty() {
-            s.push_str(&format!(
-                "  role packages, installed in the chroot: {}\n",
-                role_pkgs.join(" ")
-            ));
+            .filter(|st| self.stages.contains(&st.dir_name))
+        {
+            let install = st.packages.install_for(&p.os.distro, &p.os.codename);
+            let install: Vec<&String> =
+                install.iter().filter(|x| !b.packages.contains(x)).collect();
+            if !install.is_empty() {
+                s.push_str(&format!(
+                    "  {} installs in its layer: {}\n",
+                    st.dir_name,
+                    install
+                        .iter()
+                        .map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ));
+            }
         }
         for i in &self.role_inputs {
             s.push_str(&format!(
@@ -986,16 +987,14 @@ fn layers_of<'a>(
         .iter()
         .filter(|st| plan.stages.contains(&st.dir_name))
         .collect();
-    let (missing, purge) = osimage::package_changes(base, &stages)?;
-    let inputs = serde_json::json!({"install": &missing, "purge": &purge, "epoch": epoch});
-    stack.push("packages", "packages", &inputs, |root| {
-        osimage::prepare(&chroot_at(root)?, &missing, &purge)?;
-        Ok(false)
-    })?;
     for (i, st) in stages.iter().enumerate() {
         let inputs = serde_json::json!({"position": i, "digest": &st.digest, "epoch": epoch});
         stack.push("stage", &st.dir_name, &inputs, |root| {
-            osimage::apply_stage(&chroot_at(root)?, st)
+            let chroot = chroot_at(root)?;
+            // The stage's own packages first, then its actions.
+            let (missing, purge) = osimage::package_changes(root, &[st])?;
+            osimage::prepare(&chroot, &missing, &purge)?;
+            osimage::apply_stage(&chroot, st)
         })?;
     }
     let dirty = stack.layers.iter().any(|l| l.meta.initramfs_dirty);
@@ -1209,6 +1208,12 @@ mod tests {
             assert!(text.contains("/boot/efi"), "{text}");
             assert!(p.bootstrap.packages.contains(&"openssh-server".to_string()));
             assert!(p.bootstrap.packages.contains(&"auditd".to_string()));
+            // A stage's packages install in its layer, not the bootstrap.
+            assert!(!p.bootstrap.packages.contains(&"cloud-init".to_string()));
+            assert!(
+                text.contains("05-cloud installs in its layer: cloud-init"),
+                "{text}"
+            );
             assert!(p.controls >= 40);
             assert!(
                 p.outputs
