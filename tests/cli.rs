@@ -744,7 +744,7 @@ fn ubuntu_role_profiles_plan_their_roles_offline() {
             assert!(plan.contains(&format!("role-{role}")), "{profile}: {plan}");
             let pkgs = plan
                 .lines()
-                .find(|l| l.contains("role packages, installed in the chroot"))
+                .find(|l| l.contains(&format!("-role-{role} installs in its layer:")))
                 .unwrap_or_else(|| panic!("{profile}: {plan}"));
             match role {
                 "postgres" => {
