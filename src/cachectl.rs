@@ -485,3 +485,75 @@ pub fn discard(cache: &Cache, kind: &str, key: &str) -> Result<()> {
     let _ = std::fs::remove_file(entry.join(".complete"));
     fsutil::remove_tree(&entry)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(cache: &Cache, key: &str, kind: &str, parent: &str) {
+        let (_, _, _lock) = cache
+            .get_or_make("layers", key, |d| {
+                std::fs::create_dir(d.join("upper"))?;
+                let meta = crate::layers::LayerMeta {
+                    format: 1,
+                    kind: kind.into(),
+                    name: key.into(),
+                    parent: parent.into(),
+                    initramfs_dirty: false,
+                    seconds: 0.0,
+                };
+                std::fs::write(d.join("layer.json"), serde_json::to_vec(&meta)?)?;
+                Ok(())
+            })
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(15));
+    }
+
+    #[test]
+    fn pruning_keeps_whole_chains_of_the_newest_images() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(d.path());
+        // Two images over a shared stage layer; the older has its own too.
+        layer(&cache, "s1", "stage", "boot");
+        layer(&cache, "old-s2", "stage", "s1");
+        layer(&cache, "old-img", "image", "old-s2");
+        layer(&cache, "new-s2", "stage", "s1");
+        layer(&cache, "new-img", "image", "new-s2");
+        // The young-orphan rule keeps fresh chains; age them all.
+        let long_ago = SystemTime::now() - Duration::from_secs(7200);
+        for e in entries(&cache, false).unwrap() {
+            std::fs::File::options()
+                .write(true)
+                .open(e.path.join(".complete"))
+                .unwrap()
+                .set_modified(long_ago)
+                .unwrap();
+        }
+        crate::cache::touch(&d.path().join("layers/new-img/.complete"));
+        let removed = prune(&cache, Some(1), None).unwrap();
+        let gone: BTreeSet<String> = removed.iter().map(|e| e.key.clone()).collect();
+        assert_eq!(
+            gone,
+            ["old-img", "old-s2"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        );
+        for kept in ["s1", "new-s2", "new-img"] {
+            assert!(d.path().join("layers").join(kept).exists(), "{kept}");
+        }
+        // Older than an hour: everything goes.
+        let removed = prune(&cache, None, Some(Duration::from_secs(3600))).unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+    }
+
+    #[test]
+    fn ages_parse_with_their_units() {
+        assert_eq!(parse_age("7d").unwrap(), Duration::from_secs(7 * 86400));
+        assert_eq!(parse_age("12h").unwrap(), Duration::from_secs(12 * 3600));
+        assert_eq!(parse_age("90").unwrap(), Duration::from_secs(90));
+        for bad in ["", "d", "7y", "-1d", "99999999999999999999w"] {
+            assert!(parse_age(bad).is_err(), "{bad}");
+        }
+    }
+}

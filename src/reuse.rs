@@ -196,8 +196,7 @@ pub fn formats(
                         continue;
                     }
                     let file = a.file_name();
-                    std::fs::hard_link(&a.path, d.join(&file))
-                        .or_else(|_| std::fs::copy(&a.path, d.join(&file)).map(|_| ()))
+                    place(&a.path, &d.join(&file))
                         .with_context(|| format!("keeping {} in the cache", a.path.display()))?;
                     meta.files.push(Stored {
                         format: *f,
@@ -314,4 +313,98 @@ pub fn keep_verdict(cache: &Cache, key: &str, out_dir: &Path, name: &str) -> Res
         std::fs::write(d.join("verdict.json"), summary.to_string()).context("writing verdict.json")
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn products_of(dir: &Path, name: &str, body: &str) -> Products {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        let mut m = Products::new();
+        m.insert(
+            Format::Qcow2,
+            vec![Artifact::of(Format::Qcow2, &p).unwrap()],
+        );
+        m
+    }
+
+    #[test]
+    fn formats_are_made_once_then_placed_back_from_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(&d.path().join("cache"));
+        let (out, work) = (d.path().join("out"), d.path().join("work"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        let disk = work.join("x.raw");
+        std::fs::write(&disk, "disk").unwrap();
+        let (p, _, hit, lock) = formats(&cache, "k", &out, &work, &disk, || {
+            Ok((products_of(&out, "x.qcow2", "one"), vec![]))
+        })
+        .unwrap();
+        drop(lock);
+        assert_eq!(hit, Hit::Miss);
+        assert_eq!(p[&Format::Qcow2][0].path, out.join("x.qcow2"));
+        // The output is gone; the cache puts it back, unmade.
+        std::fs::remove_file(out.join("x.qcow2")).unwrap();
+        let (p, _, hit, lock) = formats(&cache, "k", &out, &work, &disk, || {
+            panic!("must not remake")
+        })
+        .unwrap();
+        drop(lock);
+        assert_eq!(hit, Hit::Hit);
+        assert_eq!(
+            std::fs::read_to_string(&p[&Format::Qcow2][0].path).unwrap(),
+            "one"
+        );
+    }
+
+    #[test]
+    fn a_cached_output_written_through_its_link_is_made_again() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(&d.path().join("cache"));
+        let (out, work) = (d.path().join("out"), d.path().join("work"));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        let disk = work.join("x.raw");
+        std::fs::write(&disk, "disk").unwrap();
+        let (_, _, _, lock) = formats(&cache, "k", &out, &work, &disk, || {
+            Ok((products_of(&out, "x.qcow2", "one"), vec![]))
+        })
+        .unwrap();
+        drop(lock);
+        // Booted writable, say: the same inode, new bytes.
+        std::fs::write(out.join("x.qcow2"), "changed by a boot").unwrap();
+        let mut made = false;
+        let (p, _, _, _lock) = formats(&cache, "k", &out, &work, &disk, || {
+            made = true;
+            Ok((products_of(&out, "x.qcow2", "two"), vec![]))
+        })
+        .unwrap();
+        assert!(made, "the damaged entry was not used");
+        assert_eq!(
+            std::fs::read_to_string(&p[&Format::Qcow2][0].path).unwrap(),
+            "two"
+        );
+    }
+
+    #[test]
+    fn a_disk_is_placed_from_the_cache_with_its_hash() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::new(&d.path().join("cache"));
+        let at = d.path().join("x.raw");
+        let (m, hit, lock) = disk(&cache, "k", &at, |raw| {
+            std::fs::write(raw, "bytes")?;
+            Ok(("6.1".into(), "ab".repeat(32)))
+        })
+        .unwrap();
+        drop(lock);
+        assert_eq!((hit, m.kernel.as_str()), (Hit::Miss, "6.1"));
+        std::fs::remove_file(&at).unwrap();
+        let (m, hit, _lock) = disk(&cache, "k", &at, |_| panic!("must not remake")).unwrap();
+        assert_eq!(hit, Hit::Hit);
+        assert_eq!(m.sha256, "ab".repeat(32));
+        assert_eq!(std::fs::read_to_string(&at).unwrap(), "bytes");
+    }
 }
