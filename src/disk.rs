@@ -1183,6 +1183,14 @@ pub struct DiskReport {
 /// configuration. Returns the kernel version the image boots.
 pub fn configure_tree(tree: &Path, profile: &Profile, plan: &DiskPlan) -> Result<String> {
     let kernel = kernel_version(tree)?;
+    // Every partition's mount point, as the disk step will find it.
+    for p in plan.partitions.iter().filter(|p| p.mount != "/") {
+        let dir = tree.join(p.mount.trim_start_matches('/'));
+        if dir.symlink_metadata().is_err() {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating mount point {}", p.mount))?;
+        }
+    }
     let fstab = tree.join("etc/fstab");
     std::fs::write(&fstab, plan.fstab()).context("writing /etc/fstab")?;
     let grub_dir = tree.join("boot/grub");

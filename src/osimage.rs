@@ -411,6 +411,13 @@ pub fn finalize(chroot: &Chroot, rebuild_initramfs: bool) -> Result<()> {
     for old in t.glob("/var/cache/debconf/*-old")? {
         std::fs::remove_file(host(&old)?).with_context(|| format!("removing {old}"))?;
     }
+    // ldconfig's auxiliary cache records the libraries' inode numbers and
+    // change times: build noise, never the same twice. ldconfig makes it
+    // again when it next runs.
+    let aux = host("/var/cache/ldconfig/aux-cache")?;
+    if aux.symlink_metadata().is_ok() {
+        std::fs::remove_file(&aux).context("removing ldconfig's aux-cache")?;
+    }
     // An empty machine-id: systemd makes one at first boot.
     std::fs::write(host("/etc/machine-id")?, b"").context("emptying /etc/machine-id")?;
     let dbus_id = host("/var/lib/dbus/machine-id")?;
