@@ -17,7 +17,11 @@ use std::path::{Path, PathBuf};
 fn keep_of(kind: &str) -> usize {
     match kind {
         "bootstrap" => 3,
-        "layers" => 8,
+        "layers" => 4,
+        "disks" => 3,
+        // A format set holds every output of an image (GiBs with the
+        // stemcells).
+        "formats" => 2,
         "verdicts" => 64,
         _ => 4,
     }

@@ -79,10 +79,13 @@ fn about(kind: &str, dir: &Path) -> String {
             .unwrap_or_default(),
         "formats" => json("formats.json")
             .map(|v| {
-                v["formats"]
-                    .as_object()
-                    .map(|m| m.keys().cloned().collect::<Vec<_>>().join(","))
-                    .unwrap_or_default()
+                let names: BTreeSet<String> = v["files"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f["format"].as_str().map(str::to_string))
+                    .collect();
+                names.into_iter().collect::<Vec<_>>().join(",")
             })
             .unwrap_or_default(),
         "verdicts" => json("verdict.json")
@@ -169,22 +172,30 @@ pub fn prune_layers(
         .iter()
         .filter_map(|e| Some((e.key.clone(), crate::layers::read_meta(&e.path).ok()?)))
         .collect();
-    let mut kept: BTreeSet<String> = BTreeSet::new();
-    let images = all
-        .iter()
-        .filter(|e| meta.get(&e.key).is_some_and(|m| m.kind == "image"));
-    for img in images.take(keep) {
-        let mut k = img.key.clone();
+    // Each image layer's chain: it and every layer beneath it.
+    let chain = |top: &str| -> Vec<String> {
+        let mut v = Vec::new();
+        let mut k = top.to_string();
         while let Some(m) = meta.get(&k) {
-            if !kept.insert(k.clone()) {
+            if v.contains(&k) {
                 break;
             }
+            v.push(k.clone());
             k = m.parent.clone();
         }
-    }
-    if let Some(a) = also {
-        kept.insert(a.to_string());
-    }
+        v
+    };
+    let images: Vec<&Entry> = all
+        .iter()
+        .filter(|e| meta.get(&e.key).is_some_and(|m| m.kind == "image"))
+        .collect();
+    let kept: BTreeSet<String> = images
+        .iter()
+        .take(keep)
+        .flat_map(|e| chain(&e.key))
+        .chain(also.map(str::to_string))
+        .collect();
+    let in_some_chain: BTreeSet<String> = images.iter().flat_map(|e| chain(&e.key)).collect();
     let now = SystemTime::now();
     let mut removed = Vec::new();
     for e in all {
@@ -192,13 +203,14 @@ pub fn prune_layers(
             now.duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(e.last_used as u64))
                 .is_ok_and(|age| age > d)
         });
-        // A chain whose image layer is not made yet (a build under way)
-        // is young: only age removes it, and only when no build holds it.
-        let orphan_young = !meta.contains_key(&e.key)
-            || now
-                .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(e.last_used as u64))
-                .is_ok_and(|age| age < Duration::from_secs(3600));
-        let drop_it = old || (!kept.contains(&e.key) && !orphan_young);
+        // Layers of no image yet (a build under way, or one that failed)
+        // go only when they are old: an hour, or `older_than`.
+        let young = now
+            .duration_since(SystemTime::UNIX_EPOCH + Duration::from_secs(e.last_used as u64))
+            .is_ok_and(|age| age < Duration::from_secs(3600));
+        let drop_it = old
+            || (in_some_chain.contains(&e.key) && !kept.contains(&e.key))
+            || (!in_some_chain.contains(&e.key) && !young);
         if drop_it && Some(e.key.as_str()) != also && remove_entry(cache, &e)? {
             removed.push(e);
         }
