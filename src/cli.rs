@@ -226,7 +226,8 @@ pub struct BuildArgs {
     /// Print the full plan and exit (no network, no root needed)
     #[arg(long)]
     pub dry_run: bool,
-    /// Keep the work tree under OUT/.work after the build
+    /// Keep the work directory, with a copy of the hardened tree, as
+    /// OUT/.work/NAME (the tree: OUT/.work/NAME/tree)
     #[arg(long)]
     pub keep_work: bool,
     /// The stemforge binary to put into the image (default: this one)

@@ -323,12 +323,20 @@ pub fn junit(outcomes: &[Outcome]) -> String {
                     let class = format!("stemforge.{}.{}", o.cell.name, o.cell.format);
                     let report = scan_report(o);
                     let controls = report.as_ref().map_or(0, |r| r.results.len());
+                    let (control_fails, control_errors) = report
+                        .as_ref()
+                        .map_or((0, 0), |r| (r.summary.fail, r.summary.error));
+                    let failures = usize::from(o.error.is_some())
+                        + o.verify.iter().filter(|v| v.ends_with("FAILED")).count()
+                        + control_fails;
                     w.create_element("testsuite")
                         .with_attribute(("name", suite.as_str()))
                         .with_attribute((
                             "tests",
                             (1 + o.verify.len() + controls).to_string().as_str(),
                         ))
+                        .with_attribute(("failures", failures.to_string().as_str()))
+                        .with_attribute(("errors", control_errors.to_string().as_str()))
                         .with_attribute(("time", format!("{:.1}", o.seconds).as_str()))
                         .write_inner_content(|w| {
                             let el = w
@@ -449,5 +457,38 @@ mod tests {
             let ce = e.downcast_ref::<ConfigError>().expect("a config error");
             assert!(ce.to_string().contains(word), "{ce}");
         }
+    }
+}
+
+#[cfg(test)]
+mod junit_tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_cell_counts_as_a_failure_of_its_suite() {
+        let cell = Cell {
+            profile: "debian-bookworm".into(),
+            role: BASE.into(),
+            format: "raw".into(),
+            name: "debian-bookworm".into(),
+            out: "/nonexistent/cell".into(),
+            command: vec![],
+        };
+        let o = Outcome {
+            cell,
+            exit_code: Some(2),
+            seconds: 1.0,
+            bytes: 0,
+            scan: None,
+            verify: vec!["kvm:FAILED".into()],
+            error: Some("error: preflight failed".into()),
+            log: "/nonexistent/cell/matrix-cell.log".into(),
+            json: None,
+        };
+        let x = junit(&[o]);
+        assert!(x.contains(r#"name="debian-bookworm/raw""#), "{x}");
+        assert!(x.contains(r#"failures="2""#), "{x}");
+        assert!(x.contains(r#"errors="0""#), "{x}");
+        assert!(x.contains("preflight failed"), "{x}");
     }
 }

@@ -338,3 +338,84 @@ fn an_exported_cache_comes_back_whole_and_a_damaged_archive_is_refused() {
     assert!(!c.join("layers/0123456789abcdef0123456789abcdef").exists());
     done_with(&d);
 }
+
+#[test]
+#[ignore = "needs root and the Debian archive (make test runs it as root)"]
+fn a_build_killed_while_making_a_layer_leaves_the_cache_whole() {
+    use std::io::BufRead;
+    require_root();
+    let _g = heavy();
+    let d = scratch("layers-kill");
+    let out = d.join("out");
+    // An epoch of its own: every layer is new, so they are made.
+    let epoch = (SHARED_EPOCH + 3 * 86_400).to_string();
+    let args = [
+        "-v",
+        "build",
+        "--profile",
+        "debian-bookworm",
+        "--format",
+        "raw",
+        "--verify",
+        "never",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("SOURCE_DATE_EPOCH", &epoch)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let err = child.stderr.take().unwrap();
+    let mut seen = Vec::new();
+    for line in std::io::BufReader::new(err).lines() {
+        let line = line.unwrap();
+        let at = line.contains("-- stage 50-sshd");
+        seen.push(line);
+        if at {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            // SAFETY: our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+            break;
+        }
+    }
+    let _ = child.wait();
+    assert!(
+        seen.iter().any(|l| l.contains("-- stage 50-sshd")),
+        "{}",
+        seen.join("\n")
+    );
+    let o = Command::new(bin())
+        .args(&args[1..])
+        .env("SOURCE_DATE_EPOCH", &epoch)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let s = steps(&out, "debian-bookworm");
+    // The 8 stages beneath 50-sshd were made and kept whole before the
+    // kill (and perhaps more after it); the layer being made was not.
+    let n = note(&s, "stages");
+    let counts: Vec<usize> = n
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let (made, found) = (counts[1], counts[2]);
+    assert_eq!(made + found, 14, "{n}");
+    assert!(found >= 8 && made >= 1, "{n}");
+    let layers = std::path::PathBuf::from(
+        std::env::var("STEMFORGE_CACHE_DIR").unwrap_or_else(|_| "/var/cache/stemforge".into()),
+    )
+    .join("layers");
+    let tmps: Vec<String> = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect();
+    assert!(tmps.is_empty(), "half-made layers left: {tmps:?}");
+    let scan = scan_image(&out.join("debian-bookworm.raw"));
+    assert_eq!(scan["summary"]["fail"], 0, "{scan}");
+    done_with(&d);
+}
