@@ -350,10 +350,22 @@ fn read_index(dir: &Path) -> Result<Index> {
     }
 }
 
-/// `cache export DIR`: every entry as `DIR/KIND/KEY.tar` and the index of
-/// their hashes. Archives already there for the same entry are kept;
-/// archives of entries no longer in the cache are removed.
-pub fn export(cache: &Cache, dir: &Path) -> Result<(usize, usize)> {
+/// `cache export DIR`: every entry of `kinds` as `DIR/KIND/KEY.tar` and
+/// the index of their hashes (the command writes bootstrap, layers and
+/// verdicts unless told: a disk or a format set takes seconds to make
+/// from its layers but gigabytes to carry, as a tar archive has no
+/// holes). Archives already there for the same entry
+/// are kept; archives of entries no longer exported are removed.
+pub fn export(cache: &Cache, dir: &Path, kinds: &[String]) -> Result<(usize, usize)> {
+    for k in kinds {
+        if !KINDS.contains(&k.as_str()) {
+            return Err(crate::config::ConfigError::new(
+                "--kinds",
+                format!("unknown kind `{k}` (kinds: {})", KINDS.join(", ")),
+            )
+            .into());
+        }
+    }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let old = read_index(dir)?;
     let mut index = Index {
@@ -361,7 +373,10 @@ pub fn export(cache: &Cache, dir: &Path) -> Result<(usize, usize)> {
         ..Index::default()
     };
     let (mut written, mut kept) = (0, 0);
-    for e in entries(cache, false)? {
+    for e in entries(cache, false)?
+        .into_iter()
+        .filter(|e| kinds.contains(&e.kind))
+    {
         let name = format!("{}/{}", e.kind, e.key);
         let tar = dir.join(format!("{name}.tar"));
         if let Some(h) = old.entries.get(&name) {

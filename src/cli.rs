@@ -312,6 +312,14 @@ pub enum CacheCommand {
     /// SHA-256 (a directory a CI system can save and restore)
     Export {
         dir: PathBuf,
+        /// The kinds to write, comma-separated (disks and formats are
+        /// quick to remake but large to carry)
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "bootstrap,layers,verdicts"
+        )]
+        kinds: Vec<String>,
         #[command(flatten)]
         cache: CacheArgs,
     },
@@ -777,8 +785,12 @@ fn cache_cmd(c: CacheCommand) -> Result<i32> {
                 + &format!("{} entries removed\n", removed.len());
             print(a.format, serde_json::to_value(&removed)?, text)?;
         }
-        CacheCommand::Export { dir, cache: a } => {
-            let (written, kept) = cachectl::export(&cache(&a), &dir)?;
+        CacheCommand::Export {
+            dir,
+            kinds,
+            cache: a,
+        } => {
+            let (written, kept) = cachectl::export(&cache(&a), &dir, &kinds)?;
             println!(
                 "{} entries in {}: {written} written, {kept} unchanged",
                 written + kept,
