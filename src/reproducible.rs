@@ -523,8 +523,8 @@ fn locate(
     plan: &crate::pipeline::Plan,
 ) -> Result<Option<String>> {
     if let Some(d) = first_tree_difference(
-        &work_a.join("rootfs"),
-        &work_b.join("rootfs"),
+        &work_a.join("tree"),
+        &work_b.join("tree"),
         plan.source_date_epoch,
     )? {
         return Ok(Some(format!("in the image tree: {d}")));
